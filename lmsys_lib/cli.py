@@ -1,0 +1,124 @@
+"""The ``lmsys`` command (also ``python -m lmsys_lib``): thin wrappers over the stages.
+
+Exit codes: 0 success; 1 the input has fatal problems (each printed by row and field); 2 a usage or
+environment error (message on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .parsing import validate_file
+
+    ok = True
+    for path in args.paths:
+        report = validate_file(path, test_path=args.test)
+        print(report.render(max_warnings=args.max_warnings))
+        ok &= report.ok
+    return 0 if ok else 1
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .config import SynthConfig
+    from .synthetic import write
+
+    paths = write(SynthConfig(n_train=args.rows, n_test=args.test_rows, seed=args.seed), args.out)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .config import PackConfig
+    from .parsing import read_competition
+    from .prompting import Packer
+
+    frame = read_competition(args.data).frame
+    packer = Packer(AutoTokenizer.from_pretrained(args.tokenizer), PackConfig(max_length=args.max_length))
+    packed = packer.pack_frame(frame, swap=args.swap, progress=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    packed.to_parquet(args.out)
+    print(f"{len(packed)} rows → {args.out}: mean {packed['n_tokens'].mean():.0f} ids, "
+          f"max {packed['n_tokens'].max()}, {packed['truncated'].mean():.1%} cut")
+    return 0
+
+
+def _cmd_eda(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .eda import write_report
+    from .parsing import read_competition
+
+    frame = read_competition(args.data).frame
+    print(write_report(frame, AutoTokenizer.from_pretrained(args.tokenizer), args.out))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    from .config import DemoConfig
+
+    cfg = DemoConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else DemoConfig()
+    run_dir = demo.run(args.run_dir, cfg, force=args.force)
+    print(f"demo finished: {run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmsys", description="arena-distill: LMSYS Chatbot Arena tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the chain on the embedded default data")
+    p.add_argument("--run-dir", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--config", help="JSON file with a DemoConfig (unknown keys are an error)")
+    p.add_argument("--force", action="store_true", help="re-run finished stages, replacing their output")
+    p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("validate", help="check train/test/submission files; exit 1 on fatal problems")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--test", help="test.csv: a submission's ids must match it exactly, in order")
+    p.add_argument("--max-warnings", type=int, default=20)
+    p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("synth", help="write the embedded default data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows", type=int, default=2000)
+    p.add_argument("--test-rows", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_synth)
+
+    p = sub.add_parser("pack", help="pack a train/test file into token ids (parquet)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", required=True, help="a tokenizer folder (AutoTokenizer.from_pretrained)")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--swap", action="store_true", help="pack with responses A and B exchanged")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_cmd_pack)
+
+    p = sub.add_parser("eda", help="write the EDA report (eda.md + plots/) for a train file")
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=_cmd_eda)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        print(f"lmsys {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Typed, frozen configs — one dataclass per stage — and the run-folder guard.
+
+Contract:
+- Every config is a frozen dataclass; ``from_dict`` refuses unknown keys with an error that names them,
+  and ``__post_init__`` checks ranges so a bad value fails at construction, not deep inside a stage.
+- A stage saves the exact config it ran with as ``<run>/config/<stage>.json``. ``claim_stage`` is the
+  guard every stage calls first: an identical saved config means "already done" (a no-op unless forced);
+  a different one means another run's output lives there and the stage refuses to overwrite it.
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class StageConflictError(RuntimeError):
+    """A stage would overwrite the output of a run made with another config."""
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build config ``cls`` from a plain dict; unknown keys raise ``ValueError`` naming them.
+
+    Lists are turned back into tuples where the field default is a tuple, so a config survives a JSON
+    round trip unchanged.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+    values = {}
+    for key, value in data.items():
+        default = fields[key].default
+        values[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Config (a dataclass, or already a dict) → plain JSON-able dict (tuples become lists)."""
+    data = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    return json.loads(json.dumps(data))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """The embedded default data set (``lmsys_lib.synthetic``)."""
+
+    n_train: int = 2000
+    n_test: int = 300
+    seed: int = 0
+    n_models: int = 24
+    multi_turn_rate: float = 0.13  # share of rows with 2+ rounds (real data: ~13 %)
+    null_turn_rate: float = 0.0035  # share of rows with a `null` turn (real data: ~0.35 %)
+    identical_rate: float = 0.02  # share of rows whose two responses are identical
+    max_chars: int = 25_000  # longest response, in characters (the real tail reaches ~25k)
+
+    def __post_init__(self) -> None:
+        _check(self.n_train >= 1 and self.n_test >= 1, "n_train and n_test must be >= 1")
+        _check(2 <= self.n_models <= 64, "n_models must be in [2, 64]")
+        for name in ("multi_turn_rate", "null_turn_rate", "identical_rate"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
+        _check(self.max_chars >= 1000, "max_chars must be >= 1000")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackConfig:
+    """Conversation → token ids (``lmsys_lib.prompting``).
+
+    ``fractions`` split the content budget of a round between prompt / response A / response B; what a
+    short part does not use goes to the others. A and B must get equal shares so that swapping A and B
+    only swaps the parts (the model must not learn a position from its budget).
+    """
+
+    max_length: int = 2048
+    fractions: tuple[float, float, float] = (0.2, 0.4, 0.4)
+    keep_rounds: str = "last"  # "last": drop the earliest rounds first; "first": drop the latest
+    cut: str = "end"  # where a too-long part loses tokens: "end", "start" or "middle"
+    cut_marker: str = " [...] "
+    min_round_tokens: int = 48  # a round that does not fit is kept only if this much content budget remains
+    prompt_header: str = "<prompt>: "
+    a_header: str = "\n\n<response_a>: "
+    b_header: str = "\n\n<response_b>: "
+    round_separator: str = "\n\n"
+    tail: str = "\n\nWhich response is better?"
+    use_chat_template: bool = False  # wrap the packed text as one user turn of the tokenizer's template
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 16, "max_length must be >= 16")
+        _check(len(self.fractions) == 3 and all(f > 0 for f in self.fractions),
+               "fractions must be three positive numbers (prompt, response_a, response_b)")
+        _check(abs(self.fractions[1] - self.fractions[2]) < 1e-12,
+               "fractions for response_a and response_b must be equal (the A/B swap invariant)")
+        _check(self.keep_rounds in ("last", "first"), "keep_rounds must be 'last' or 'first'")
+        _check(self.cut in ("end", "start", "middle"), "cut must be 'end', 'start' or 'middle'")
+        _check(self.cut_marker != "", "cut_marker must be visible (non-empty)")
+        _check(self.min_round_tokens >= 1, "min_round_tokens must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldConfig:
+    """Grouped k-fold split (``parsing.grouped_folds``)."""
+
+    k: int = 5
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 2, "k must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What ``lmsys demo`` runs on the embedded default."""
+
+    synth: SynthConfig = SynthConfig()
+    pack: PackConfig = PackConfig(max_length=512)
+    folds: FoldConfig = FoldConfig()
+    tokenizer_vocab: int = 4000
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DemoConfig:
+        data = dict(data)
+        nested = {"synth": SynthConfig, "pack": PackConfig, "folds": FoldConfig}
+        for key, sub in nested.items():
+            if key in data and isinstance(data[key], dict):
+                data[key] = from_dict(sub, data[key])
+        return from_dict(cls, data)
+
+
+def claim_stage(run_dir: str | Path, stage: str, cfg: Any, force: bool = False) -> bool:
+    """Guard a stage's output in ``run_dir``; returns True when the stage must run.
+
+    - no saved config: the stage runs (call ``save_stage`` when it has finished);
+    - saved config equal to ``cfg``: the stage already ran — returns False (True when ``force``);
+    - saved config different: raises ``StageConflictError`` (unless ``force``), naming the file.
+    """
+    path = Path(run_dir) / "config" / f"{stage}.json"
+    if not path.exists():
+        return True
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved == to_dict(cfg):
+        return force
+    if force:
+        return True
+    raise StageConflictError(
+        f"{path} holds another config for stage '{stage}'; use a new run folder or force=True to replace it"
+    )
+
+
+def save_stage(run_dir: str | Path, stage: str, cfg: Any) -> Path:
+    """Record ``cfg`` as the config stage ``stage`` finished with; returns the JSON path."""
+    path = Path(run_dir) / "config" / f"{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path

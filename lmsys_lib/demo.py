@@ -1,0 +1,94 @@
+"""``lmsys demo``: the whole chain on the embedded default, in one run folder.
+
+Stages so far (each guarded by ``config.claim_stage``: re-running a finished stage is a no-op, another
+config in the same folder is refused unless forced):
+
+    data       synthetic train/test/sample_submission (competition dialect) → data/*.csv, validated
+    folds      grouped k-fold split → data/folds.parquet (id, fold)
+    tokenizer  byte-level BPE trained on the train text → tokenizer/ (stands in for a model's tokenizer)
+    pack       train and test packed under the token budget → data/packed_{train,test}.parquet
+    eda        tables + plots → eda.md, plots/*.png
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import config as C
+from . import eda, parsing, prompting, synthetic, zoo
+
+
+def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = False,
+        log: Callable[[str], None] = print) -> Path:
+    """Run every demo stage into ``run_dir``; returns the run folder."""
+    cfg = cfg or C.DemoConfig()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages: list[tuple[str, Any, Callable[[], str]]] = [
+        ("data", cfg.synth, lambda: stage_data(run_dir, cfg.synth)),
+        ("folds", cfg.folds, lambda: stage_folds(run_dir, cfg.folds)),
+        ("tokenizer", {"vocab": cfg.tokenizer_vocab, "synth": C.to_dict(cfg.synth)},
+         lambda: stage_tokenizer(run_dir, cfg.tokenizer_vocab)),
+        ("pack", cfg.pack, lambda: stage_pack(run_dir, cfg.pack)),
+        ("eda", cfg.pack, lambda: stage_eda(run_dir)),
+    ]
+    for name, stage_cfg, fn in stages:
+        if not C.claim_stage(run_dir, name, stage_cfg, force=force):
+            log(f"[{name}] already done in {run_dir} (same config) — skipped")
+            continue
+        start = time.perf_counter()
+        detail = fn()
+        C.save_stage(run_dir, name, stage_cfg)
+        log(f"[{name}] {detail} ({time.perf_counter() - start:.1f} s)")
+    return run_dir
+
+
+def stage_data(run_dir: Path, cfg: C.SynthConfig) -> str:
+    paths = synthetic.write(cfg, run_dir / "data")
+    test_csv = paths["test"]
+    for path in paths.values():
+        report = parsing.validate_file(path, test_path=test_csv)
+        if not report.ok:
+            raise parsing.DataError(str(path), [p for p in report.problems if p.fatal])
+    return f"{cfg.n_train} train + {cfg.n_test} test rows written and validated"
+
+
+def stage_folds(run_dir: Path, cfg: C.FoldConfig) -> str:
+    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
+    folds = parsing.grouped_folds(frame, cfg.k, cfg.seed)
+    pd.DataFrame({"id": frame["id"], "fold": folds}).to_parquet(run_dir / "data" / "folds.parquet")
+    sizes = pd.Series(folds).value_counts().sort_index().tolist()
+    return f"{cfg.k} grouped folds, sizes {sizes}"
+
+
+def stage_tokenizer(run_dir: Path, vocab: int) -> str:
+    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
+    tok = zoo.demo_tokenizer(run_dir / "tokenizer", frame, vocab_size=vocab)
+    return f"byte-level BPE, {len(tok)} tokens"
+
+
+def stage_pack(run_dir: Path, cfg: C.PackConfig) -> str:
+    from transformers import AutoTokenizer
+
+    packer = prompting.Packer(AutoTokenizer.from_pretrained(run_dir / "tokenizer"), cfg)
+    notes = []
+    for split in ("train", "test"):
+        frame = parsing.read_competition(run_dir / "data" / f"{split}.csv").frame
+        packed = packer.pack_frame(frame, progress=True)
+        packed.to_parquet(run_dir / "data" / f"packed_{split}.parquet")
+        notes.append(f"{split}: mean {packed['n_tokens'].mean():.0f} ids, {packed['truncated'].mean():.1%} cut")
+    return f"max_length {cfg.max_length}; " + "; ".join(notes)
+
+
+def stage_eda(run_dir: Path) -> str:
+    from transformers import AutoTokenizer
+
+    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
+    path = eda.write_report(frame, AutoTokenizer.from_pretrained(run_dir / "tokenizer"), run_dir,
+                            title="EDA — embedded default")
+    return f"report {path}"

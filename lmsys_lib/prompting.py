@@ -1,0 +1,287 @@
+"""Conversation → token ids for a 3-class classifier, under a budget counted in ids.
+
+Layout of one packed row (every piece is token ids; texts are tokenized once, never decoded again)::
+
+    prefix  [drop marker]  round … round  [drop marker]  tail  suffix
+    round = [separator] prompt_header <prompt ids> a_header <response A ids> b_header <response B ids>
+
+``prefix``/``suffix`` are what the tokenizer itself adds around a text (e.g. ``<bos>``), or, with
+``use_chat_template``, the tokenizer's chat template around one user turn. A part that is too long loses
+ids at its end, start or middle and shows ``cut_marker`` where it was cut; rounds that no longer fit are
+dropped from the start (``keep_rounds="last"``) or the end, and ``cut_marker`` shows where.
+
+Invariants (each tested, fuzzed):
+- ``len(ids) <= max_length``, always (asserted on every row);
+- every kept round shows its prompt header, A header and B header, each part with at least one id of
+  its content (or the cut marker) when that part is non-empty;
+- deterministic: the same conversation, tokenizer and config give the same ids;
+- swapping A and B swaps the two response spans and changes nothing else (budgets are symmetric).
+
+The content budget of a round is split between prompt / A / B by ``fractions``; a part shorter than its
+share gives the rest to the others (water-filling, in integer arithmetic). A round that does not fit whole
+is kept, cut, only if at least ``min_round_tokens`` of content budget remain for it (the first round is
+always kept: the constructor refuses a ``max_length`` too small for that).
+
+This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import PackConfig
+
+Ids = list[int]
+_SENTINEL = "LMSYSBODYSENTINEL"
+_WEIGHT_SCALE = 1_000_000  # fractions → integer weights, so A and B shares are exactly equal
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """One packed row.
+
+    Attributes:
+        input_ids: the ids, ``len <= max_length``.
+        rounds_kept: how many rounds are in ``input_ids`` (the others were dropped).
+        n_rounds: rounds in the conversation.
+        truncated: True when any part was cut or any round dropped.
+        spans: per kept round (in output order), ``(start, end)`` of the prompt, A and B content in
+            ``input_ids`` (headers excluded; cut markers inside a part included).
+    """
+
+    input_ids: Ids
+    rounds_kept: int
+    n_rounds: int
+    truncated: bool
+    spans: tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int]], ...]
+
+
+class Packer:
+    """Packs conversations for one tokenizer and one ``PackConfig``.
+
+    >>> packer = Packer(tokenizer, PackConfig(max_length=256))           # doctest: +SKIP
+    >>> row = packer.pack(["Hi?"], ["Hello!"], ["Hey."])                 # doctest: +SKIP
+    >>> len(row.input_ids) <= 256                                          # doctest: +SKIP
+    True
+    """
+
+    def __init__(self, tokenizer: Any, cfg: PackConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.prefix, self.suffix = frame_ids(tokenizer, cfg.use_chat_template)
+        enc = self.encode
+        self.headers = (enc(cfg.prompt_header), enc(cfg.a_header), enc(cfg.b_header))
+        self.separator = enc(cfg.round_separator)
+        self.marker = enc(cfg.cut_marker)
+        self.tail = enc(cfg.tail)
+        if not self.marker:
+            raise ValueError(f"cut_marker {cfg.cut_marker!r} tokenizes to no ids")
+        self.weights = _integer_weights(cfg.fractions)
+        self.min_content = self._min_content()
+        self.fixed = len(self.prefix) + len(self.tail) + len(self.suffix)
+        smallest = self.fixed + len(self.marker) + sum(map(len, self.headers)) + self.min_content
+        if cfg.max_length < smallest:
+            raise ValueError(f"max_length={cfg.max_length} is too small for this tokenizer and layout: "
+                             f"need >= {smallest} ids (fixed {self.fixed}, headers, marker, and "
+                             f"{self.min_content} content ids so each part shows at least one id)")
+
+    # -- tokenizing -------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> Ids:
+        """Ids of ``text`` without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_many(self, texts: Sequence[str]) -> list[Ids]:
+        """Ids of many texts in one batched call (fast tokenizers run it in parallel)."""
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+    # -- packing ----------------------------------------------------------------------------------
+
+    def pack(self, prompt: Sequence[str], response_a: Sequence[str], response_b: Sequence[str],
+             swap: bool = False) -> Packed:
+        """Pack one conversation given as aligned turn lists; ``swap`` puts B first (the A/B swap)."""
+        if not (len(prompt) == len(response_a) == len(response_b)) or not prompt:
+            raise ValueError("prompt, response_a and response_b must be non-empty lists of equal length")
+        n = len(prompt)
+        ids = self.encode_many([*prompt, *response_a, *response_b])
+        rounds = [(ids[i], ids[n + i], ids[2 * n + i]) for i in range(n)]
+        return self.pack_ids(rounds, swap=swap)
+
+    def pack_ids(self, rounds: Sequence[tuple[Ids, Ids, Ids]], swap: bool = False) -> Packed:
+        """Pack already tokenized rounds ``[(prompt ids, A ids, B ids), …]`` (chronological order)."""
+        if swap:
+            rounds = [(p, b, a) for p, a, b in rounds]
+        n = len(rounds)
+        reserve = len(self.marker) if n > 1 else 0  # room for the dropped-rounds marker
+        budget = self.cfg.max_length - self.fixed - reserve
+        chosen = self._choose_rounds(rounds, budget)
+        packed = self._assemble(chosen, n)
+        if len(packed.input_ids) > self.cfg.max_length:  # a broken invariant must never pass silently
+            raise AssertionError(f"packed {len(packed.input_ids)} ids > max_length {self.cfg.max_length}")
+        return packed
+
+    def _choose_rounds(self, rounds: Sequence[tuple[Ids, Ids, Ids]],
+                       budget: int) -> list[tuple[int, tuple[Ids, Ids, Ids], bool]]:
+        """Rounds kept, as (index, parts after cutting, was cut), in the order they were considered."""
+        order = range(len(rounds) - 1, -1, -1) if self.cfg.keep_rounds == "last" else range(len(rounds))
+        used, chosen = 0, []
+        for idx in order:
+            overhead = sum(map(len, self.headers)) + (len(self.separator) if chosen else 0)
+            room = budget - used - overhead
+            need = sum(map(len, rounds[idx]))
+            if need <= room:
+                chosen.append((idx, rounds[idx], False))
+                used += overhead + need
+                continue
+            if room >= (self.min_content if not chosen else max(self.cfg.min_round_tokens, self.min_content)):
+                parts = self._cut_round(rounds[idx], room)
+                chosen.append((idx, parts, True))
+            break
+        return chosen
+
+    def _cut_round(self, parts: tuple[Ids, Ids, Ids], room: int) -> tuple[Ids, Ids, Ids]:
+        alloc = water_fill([len(p) for p in parts], self.weights, room)
+        return tuple(self._cut(p, k) for p, k in zip(parts, alloc))  # type: ignore[return-value]
+
+    def _cut(self, ids: Ids, keep: int) -> Ids:
+        """``ids`` shortened to ``keep`` ids, the marker included where it was cut."""
+        if len(ids) <= keep:
+            return ids
+        body = keep - len(self.marker)  # >= 1 by construction of min_content
+        if self.cfg.cut == "end":
+            return ids[:body] + self.marker
+        if self.cfg.cut == "start":
+            return self.marker + ids[len(ids) - body:]
+        head = (body + 1) // 2
+        tail = body - head
+        return ids[:head] + self.marker + (ids[len(ids) - tail:] if tail else [])
+
+    def _assemble(self, chosen: list[tuple[int, tuple[Ids, Ids, Ids], bool]], n_rounds: int) -> Packed:
+        chosen = sorted(chosen)  # back to chronological order
+        dropped = len(chosen) < n_rounds
+        out: Ids = list(self.prefix)
+        if dropped and self.cfg.keep_rounds == "last":
+            out += self.marker
+        spans = []
+        for j, (_, parts, _) in enumerate(chosen):
+            if j:
+                out += self.separator
+            round_spans = []
+            for header, part in zip(self.headers, parts):
+                out += header
+                round_spans.append((len(out), len(out) + len(part)))
+                out += part
+            spans.append(tuple(round_spans))
+        if dropped and self.cfg.keep_rounds == "first":
+            out += self.marker
+        out += self.tail + self.suffix
+        cut = dropped or any(was_cut for _, _, was_cut in chosen)
+        return Packed(out, len(chosen), n_rounds, cut, tuple(spans))  # type: ignore[arg-type]
+
+    def _min_content(self) -> int:
+        """Content budget at which every part's share is at least marker + 1 ids."""
+        total = sum(self.weights)
+        return math.ceil((len(self.marker) + 1) * total / min(self.weights))
+
+    # -- frames -----------------------------------------------------------------------------------
+
+    def pack_frame(self, frame: pd.DataFrame, swap: bool = False, progress: bool = False,
+                   chunk: int = 2000) -> pd.DataFrame:
+        """Pack every row of a conversation frame (from ``parsing``), in order.
+
+        Returns a frame with ``id``, ``input_ids`` (int32 arrays), ``n_tokens``, ``rounds_kept``,
+        ``n_rounds``, ``truncated`` and ``label`` (swapped with ``swap``), one row per input row.
+        """
+        from tqdm.auto import tqdm
+
+        from .parsing import swap_labels
+
+        packed: list[Packed] = []
+        with tqdm(total=len(frame), desc="pack", unit="row", disable=not progress) as bar:
+            for start in range(0, len(frame), chunk):
+                part = frame.iloc[start: start + chunk]
+                packed += self._pack_chunk(part, swap)
+                bar.update(len(part))
+        labels = frame["label"].to_numpy() if "label" in frame.columns else np.full(len(frame), -1)
+        return pd.DataFrame({
+            "id": frame["id"].to_numpy(),
+            "input_ids": [np.asarray(p.input_ids, dtype=np.int32) for p in packed],
+            "n_tokens": np.array([len(p.input_ids) for p in packed], dtype=np.int32),
+            "rounds_kept": np.array([p.rounds_kept for p in packed], dtype=np.int16),
+            "n_rounds": np.array([p.n_rounds for p in packed], dtype=np.int16),
+            "truncated": np.array([p.truncated for p in packed]),
+            "label": swap_labels(labels) if swap else labels,
+        })
+
+    def _pack_chunk(self, part: pd.DataFrame, swap: bool) -> list[Packed]:
+        texts, bounds = [], []
+        for p, a, b in zip(part["prompt"], part["response_a"], part["response_b"]):
+            bounds.append((len(texts), len(p)))
+            texts += [*p, *a, *b]
+        ids = self.encode_many(texts)
+        out = []
+        for start, n in bounds:
+            rounds = [(ids[start + i], ids[start + n + i], ids[start + 2 * n + i]) for i in range(n)]
+            out.append(self.pack_ids(rounds, swap=swap))
+        return out
+
+
+def water_fill(needs: Sequence[int], weights: Sequence[int], budget: int) -> list[int]:
+    """Split ``budget`` ids between parts in proportion to ``weights``, never giving a part more than it
+    needs; what a capped part leaves is shared among the others. Integer, symmetric in equal weights.
+
+    >>> water_fill([10, 500, 500], [2, 4, 4], 100)
+    [10, 45, 45]
+    """
+    alloc = [0] * len(needs)
+    active = [i for i, need in enumerate(needs) if need > 0]
+    left = budget
+    while active:
+        total = sum(weights[i] for i in active)
+        capped = [i for i in active if needs[i] * total <= left * weights[i]]
+        if not capped:
+            for i in active:
+                alloc[i] = left * weights[i] // total
+            break
+        for i in capped:
+            alloc[i] = needs[i]
+            left -= needs[i]
+        active = [i for i in active if i not in capped]
+    return alloc
+
+
+def _integer_weights(fractions: Sequence[float]) -> list[int]:
+    total = sum(fractions)
+    return [max(1, round(f / total * _WEIGHT_SCALE)) for f in fractions]
+
+
+def frame_ids(tokenizer: Any, use_chat_template: bool = False) -> tuple[Ids, Ids]:
+    """The ids a tokenizer puts before and after a text: (prefix, suffix).
+
+    Without a chat template: what ``tokenizer(text)`` adds (e.g. ``[<bos>]``, ``[]``, or an EOS after).
+    With one: the template rendered around a single user turn, with the generation prompt.
+    """
+    if use_chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("use_chat_template=True but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+        before, _, after = text.partition(_SENTINEL)
+        enc = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+        dec = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        return list(enc), list(dec)
+    probe = "probe text"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe)["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start: start + len(plain)] == plain:
+            return full[:start], full[start + len(plain):]
+    raise ValueError("cannot find the text's ids inside tokenizer(text): unsupported tokenizer")

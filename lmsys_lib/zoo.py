@@ -1,0 +1,83 @@
+"""Models and tokenizers that work offline, prepared into a cache folder.
+
+No hub: the demo and the tests use a byte-level BPE tokenizer trained here on the embedded default's
+text (any Unicode encodes, nothing maps to <unk>), saved as a plain ``PreTrainedTokenizerFast`` folder that
+``AutoTokenizer.from_pretrained(folder)`` loads. Variants with and without a BOS token and with a ChatML
+chat template cover the tokenizer shapes the packer must handle.
+
+Heavy imports (``tokenizers``, ``transformers``) are local to the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000, add_bos: bool = True,
+                        chat_template: str | None = None) -> Any:
+    """Train a byte-level BPE on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
+
+    Args:
+        texts: training text (any Unicode; lone surrogates must be repaired first).
+        vocab_size: target vocabulary, special tokens included.
+        add_bos: whether ``tokenizer(text)`` prepends ``<bos>`` (like Llama/Gemma) or adds nothing (like Qwen).
+        chat_template: a Jinja chat template (e.g. ``CHATML_TEMPLATE``) or None.
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast`` with pad ``<pad>``, eos ``<eos>``, bos ``<bos>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    if add_bos:
+        bos = tok.token_to_id("<bos>")
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                           special_tokens=[("<bos>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", model_max_length=1_000_000)
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def conversation_texts(frame: Any) -> list[str]:
+    """Every turn of a conversation frame's prompts and responses, for tokenizer training."""
+    texts: list[str] = []
+    for col in ("prompt", "response_a", "response_b"):
+        for turns in frame[col]:
+            texts.extend(turns)
+    return texts
+
+
+def demo_tokenizer(cache_dir: str | Path, frame: Any, vocab_size: int = 4000, add_bos: bool = True,
+                   chat_template: str | None = None) -> Any:
+    """The demo tokenizer, trained once on ``frame`` and cached in ``cache_dir``; loaded from there after.
+
+    The cache is keyed by its settings (written to ``lmsys_tokenizer.json``); other settings retrain.
+    """
+    from transformers import AutoTokenizer
+
+    cache_dir = Path(cache_dir)
+    settings = {"vocab_size": vocab_size, "add_bos": add_bos, "chat_template": chat_template,
+                "rows": len(frame)}
+    stamp = cache_dir / "lmsys_tokenizer.json"
+    if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) == settings:
+        return AutoTokenizer.from_pretrained(cache_dir)
+    tok = train_bpe_tokenizer(conversation_texts(frame), vocab_size, add_bos, chat_template)
+    tok.save_pretrained(cache_dir)
+    stamp.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return AutoTokenizer.from_pretrained(cache_dir)
