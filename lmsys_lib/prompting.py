@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .config import PackConfig
+from .parsing import repair_surrogates, swap_labels
 
 Ids = list[int]
 _SENTINEL = "LMSYSBODYSENTINEL"
@@ -95,13 +96,15 @@ class Packer:
 
     def encode(self, text: str) -> Ids:
         """Ids of ``text`` without special tokens."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.encode_many([text])[0]
 
     def encode_many(self, texts: Sequence[str]) -> list[Ids]:
-        """Ids of many texts in one batched call (fast tokenizers run it in parallel)."""
+        """Ids of many texts in one batched call (fast tokenizers run it in parallel). Lone surrogates
+        (which make tokenizers raise) are replaced by U+FFFD first, as ``parsing`` does."""
         if not texts:
             return []
-        return [list(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        clean = [repair_surrogates(t)[0] for t in texts]
+        return [list(ids) for ids in self.tokenizer(clean, add_special_tokens=False)["input_ids"]]
 
     # -- packing ----------------------------------------------------------------------------------
 
@@ -201,8 +204,6 @@ class Packer:
         ``n_rounds``, ``truncated`` and ``label`` (swapped with ``swap``), one row per input row.
         """
         from tqdm.auto import tqdm
-
-        from .parsing import swap_labels
 
         packed: list[Packed] = []
         with tqdm(total=len(frame), desc="pack", unit="row", disable=not progress) as bar:

@@ -46,7 +46,8 @@ _EN = ("the", "a", "model", "answer", "data", "system", "process", "value", "res
        "approach", "method", "example", "function", "number", "time", "people", "world", "energy", "market",
        "history", "language", "problem", "solution", "important", "simple", "different", "common", "often",
        "because", "however", "therefore", "which", "can", "will", "should", "might", "is", "are", "was",
-       "this", "that", "these", "with", "without", "between", "about", "into", "from", "for", "and", "or")
+       "this", "that", "these", "with", "without", "between", "about", "into", "from", "for", "and", "or",
+       "and/or", "input/output", "km/h", "24/7")
 _TOPICS = ("pizza", "python", "taxes", "gravity", "poetry", "football", "vaccines", "bitcoin", "climate",
            "chess", "marriage", "resume", "sql", "rust", "dogs", "coffee", "mars", "democracy", "linux", "jazz")
 _SCRIPTS = {  # (share of prompts, phrase bank); non-Latin text exercises the \u escapes
@@ -55,7 +56,7 @@ _SCRIPTS = {  # (share of prompts, phrase bank); non-Latin text exercises the \u
     "ru": (0.05, ("это вопрос", "нужно", "данные", "модель", "очень важно", "например", "поэтому")),
     "ja": (0.03, ("これは質問です", "データ", "モデル", "とても大切", "例えば", "ですから")),
     "es": (0.05, ("la pregunta", "el modelo", "también", "información", "muy importante", "por ejemplo")),
-    "de": (0.03, ("die Frage", "das Modell", "größer", "Lösung", "sehr wichtig", "zum Beispiel")),
+    "de": (0.03, ("die Frage", "das Modell", "größer", "Lösung", "sehr wichtig", "zum Beispiel", "café")),
     "ar": (0.02, ("هذا سؤال", "البيانات", "النموذج", "مهم جدا", "على سبيل المثال")),
     "hi": (0.02, ("यह एक प्रश्न है", "डेटा", "मॉडल", "बहुत महत्वपूर्ण", "उदाहरण के लिए")),
     "ko": (0.02, ("이것은 질문입니다", "데이터", "모델", "매우 중요", "예를 들어")),

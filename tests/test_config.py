@@ -1,0 +1,46 @@
+"""Configs refuse unknown keys, survive JSON, and guard run folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmsys_lib import config as C
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"PackConfig: unknown key\(s\) \['max_len'\]"):
+        C.from_dict(C.PackConfig, {"max_len": 1024})
+    with pytest.raises(ValueError, match="unknown key"):
+        C.DemoConfig.from_dict({"synth": {"rows": 5}})
+
+
+def test_json_round_trip():
+    cfg = C.DemoConfig(pack=C.PackConfig(max_length=300, fractions=(0.1, 0.45, 0.45)))
+    again = C.DemoConfig.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (C.SynthConfig, {"n_train": 0}, "n_train"),
+    (C.SynthConfig, {"null_turn_rate": 2.0}, "null_turn_rate"),
+    (C.PackConfig, {"keep_rounds": "middle"}, "keep_rounds"),
+    (C.PackConfig, {"fractions": (0.0, 0.5, 0.5)}, "positive"),
+    (C.PackConfig, {"cut_marker": ""}, "visible"),
+    (C.FoldConfig, {"k": 1}, "k must be"),
+])
+def test_bad_values_fail_at_construction(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
+
+
+def test_stage_guard(tmp_path):
+    cfg = C.PackConfig(max_length=256)
+    assert C.claim_stage(tmp_path, "pack", cfg)
+    C.save_stage(tmp_path, "pack", cfg)
+    assert not C.claim_stage(tmp_path, "pack", cfg)  # already done: a no-op
+    assert C.claim_stage(tmp_path, "pack", cfg, force=True)
+    with pytest.raises(C.StageConflictError, match="another config for stage 'pack'"):
+        C.claim_stage(tmp_path, "pack", C.PackConfig(max_length=512))
+    assert C.claim_stage(tmp_path, "pack", C.PackConfig(max_length=512), force=True)
