@@ -176,11 +176,15 @@ def markdown_table(table: pd.DataFrame, index: bool = True, digits: int = 4) -> 
     return "\n".join(lines)
 
 
-def write_report(frame: pd.DataFrame, tokenizer: Any, out_dir: str | Path, title: str = "EDA") -> Path:
-    """Compute every table, save every plot as PNG under ``out_dir/plots``, write ``out_dir/eda.md``."""
+def write_report(frame: pd.DataFrame, tokenizer: Any, out_dir: str | Path, title: str = "EDA",
+                 lengths: pd.DataFrame | None = None) -> Path:
+    """Compute every table, save every plot as PNG under ``out_dir/plots``, write ``out_dir/eda.md``.
+
+    ``lengths``: ``token_lengths(frame, tokenizer)`` when already computed (it is the slow part).
+    """
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    lengths = token_lengths(frame, tokenizer)
+    lengths = token_lengths(frame, tokenizer) if lengths is None else lengths
     by_length = win_rate_by_length(frame, lengths)
     models = model_win_rates(frame)
     figures = {"labels": plot_label_balance(frame), "token_lengths": plot_token_lengths(lengths),

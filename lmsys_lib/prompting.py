@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,7 @@ class Packer:
     def __init__(self, tokenizer: Any, cfg: PackConfig):
         self.tokenizer = tokenizer
         self.cfg = cfg
+        self._batch_ids = batch_encoder(tokenizer)
         self.prefix, self.suffix = frame_ids(tokenizer, cfg.use_chat_template)
         enc = self.encode
         self.headers = (enc(cfg.prompt_header), enc(cfg.a_header), enc(cfg.b_header))
@@ -103,8 +104,7 @@ class Packer:
         (which make tokenizers raise) are replaced by U+FFFD first, as ``parsing`` does."""
         if not texts:
             return []
-        clean = [repair_surrogates(t)[0] for t in texts]
-        return [list(ids) for ids in self.tokenizer(clean, add_special_tokens=False)["input_ids"]]
+        return self._batch_ids([repair_surrogates(t)[0] for t in texts])
 
     # -- packing ----------------------------------------------------------------------------------
 
@@ -233,6 +233,35 @@ class Packer:
             rounds = [(ids[start + i], ids[start + n + i], ids[start + 2 * n + i]) for i in range(n)]
             out.append(self.pack_ids(rounds, swap=swap))
         return out
+
+
+_PROBES = ("Hello, world!", "  leading and trailing  ", "为什么天空是蓝色的？", "Привет 😀🚀", "tab\tnew\nline",
+           "<|im_start|>user<|im_end|> <bos> <eos>", "ÀÉÎÕÜ ß ﬁ", "x" * 300, "")
+
+
+def batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[Ids]]:
+    """A function texts → ids (no special tokens) for ``tokenizer``.
+
+    For a fast tokenizer it calls the Rust backend's ``encode_batch_fast`` directly (no offsets, no
+    per-row Python conversion: ~1.9× faster here), but only after checking on probe texts that it gives
+    exactly the ids of ``tokenizer(texts, add_special_tokens=False)``; otherwise it uses that call.
+    """
+    def wrapper(texts: list[str]) -> list[Ids]:
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+    if fast is None:
+        return wrapper
+
+    def direct(texts: list[str]) -> list[Ids]:
+        return [enc.ids for enc in fast(texts, add_special_tokens=False)]
+
+    try:
+        same = direct(list(_PROBES)) == wrapper(list(_PROBES))
+    except Exception:  # any backend quirk: fall back to the documented call
+        same = False
+    return direct if same else wrapper
 
 
 def water_fill(needs: Sequence[int], weights: Sequence[int], budget: int) -> list[int]:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub, ever: every model and tokenizer here is local
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from lmsys_lib import parsing, synthetic, zoo
-from lmsys_lib.config import SynthConfig
+import pytest  # noqa: E402
+
+from lmsys_lib import parsing, synthetic, zoo  # noqa: E402
+from lmsys_lib.config import SynthConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = Path(os.environ.get("LMSYS_REAL_SAMPLE", ROOT.parent / "shared" / "data" / "real_sample"))

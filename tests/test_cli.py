@@ -1,0 +1,67 @@
+"""The `lmsys` command as users start it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+
+from lmsys_lib import parsing
+
+
+def _lmsys(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lmsys_lib", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path):
+    run = tmp_path / "demo"
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": 256}}))
+    proc = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("data", "folds", "tokenizer", "pack", "eda"):
+        assert f"[{stage}]" in proc.stdout and (run / "config" / f"{stage}.json").exists()
+    for name in ("train.csv", "test.csv", "sample_submission.csv", "folds.parquet", "packed_train.parquet",
+                 "packed_test.parquet"):
+        assert (run / "data" / name).exists(), name
+    packed = pd.read_parquet(run / "data" / "packed_train.parquet")
+    folds = pd.read_parquet(run / "data" / "folds.parquet")
+    train = parsing.read_competition(run / "data" / "train.csv").frame
+    assert packed["id"].tolist() == train["id"].tolist() == folds["id"].tolist()
+    assert packed["n_tokens"].max() <= 256 and (run / "eda.md").exists()
+
+    again = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
+    assert again.returncode == 0 and again.stdout.count("already done") == 5
+
+    cfg.write_text(json.dumps({"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": 128}}))
+    clash = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
+    assert clash.returncode == 2 and "another config for stage 'pack'" in clash.stderr
+    assert "Traceback" not in clash.stderr
+
+
+def test_demo_config_with_unknown_key_is_refused(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"synth": {"rows": 3}}))
+    proc = _lmsys("demo", "--run-dir", str(tmp_path / "r"), "--config", str(cfg))
+    assert proc.returncode == 2 and "unknown key(s) ['rows']" in proc.stderr
+
+
+def test_synth_pack_eda_commands(tmp_path, tokenizer):
+    assert _lmsys("synth", "--out", str(tmp_path / "d"), "--rows", "120", "--test-rows", "10").returncode == 0
+    tokenizer.save_pretrained(tmp_path / "tok")
+    proc = _lmsys("pack", "--data", str(tmp_path / "d" / "train.csv"), "--tokenizer", str(tmp_path / "tok"),
+                  "--max-length", "200", "--swap", "--out", str(tmp_path / "p.parquet"))
+    assert proc.returncode == 0, proc.stderr
+    packed = pd.read_parquet(tmp_path / "p.parquet")
+    assert len(packed) == 120 and packed["n_tokens"].max() <= 200
+    proc = _lmsys("eda", "--data", str(tmp_path / "d" / "train.csv"), "--tokenizer", str(tmp_path / "tok"),
+                  "--out", str(tmp_path / "eda"))
+    assert proc.returncode == 0 and (tmp_path / "eda" / "eda.md").exists()
+
+
+def test_console_script_and_module_entry_points():
+    proc = subprocess.run(["lmsys", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "validate" in proc.stdout and "demo" in proc.stdout
+    assert _lmsys("--help").returncode == 0
