@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+        return 0
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         print(f"lmsys {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -232,3 +232,18 @@ def test_batch_encoder_gives_the_tokenizers_own_ids(request, synth_frame, name):
     texts = [t for turns in synth_frame["response_a"][:300] for t in turns]
     texts = [repair_surrogates(t)[0] for t in texts] + ["<|im_start|>", "<bos> x <eos>", " ", ""]
     assert batch_encoder(tok)(texts) == [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def test_real_rows_with_the_real_tokenizer(real_sample, smollm2_tokenizer):
+    from lmsys_lib.parsing import read_competition
+
+    frame = read_competition(real_sample / "train_head_100.csv").frame
+    for max_length in (256, 1024):
+        packer = Packer(smollm2_tokenizer, PackConfig(max_length=max_length))
+        packed = packer.pack_frame(frame)
+        assert (packed["n_tokens"] <= max_length).all() and packed["truncated"].any()
+        assert (packed["rounds_kept"] >= 1).all() and (packed["rounds_kept"] <= packed["n_rounds"]).all()
+    row = frame.iloc[0]  # a 2-round real conversation: both rounds fit at 1024 ids
+    full = Packer(smollm2_tokenizer, PackConfig(max_length=4096)).pack(
+        row["prompt"], row["response_a"], row["response_b"])
+    assert full.rounds_kept == row["n_rounds"] == 2
