@@ -1,7 +1,7 @@
 """The ``lmsys`` command (also ``python -m lmsys_lib``): thin wrappers over the stages.
 
-Exit codes: 0 success; 1 the input has fatal problems (each printed by row and field); 2 a usage or
-environment error (message on stderr, never a traceback).
+Exit codes: 0 success; 1 the input has fatal problems (each printed by row and field); 2 a file could not
+be read, or a usage / environment error (message on stderr, never a traceback).
 """
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ from pathlib import Path
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .parsing import validate_file
 
-    ok = True
-    for path in args.paths:
-        report = validate_file(path, test_path=args.test)
+    code = 0
+    for path in args.paths:  # every file is checked, whatever the previous one held
+        try:
+            report = validate_file(path, test_path=args.test)
+        except (OSError, ValueError) as err:
+            print(f"{path}: cannot be read — {err}", file=sys.stderr)
+            code = 2
+            continue
         print(report.render(max_warnings=args.max_warnings))
-        ok &= report.ok
-    return 0 if ok else 1
+        code = max(code, 0 if report.ok else 1)
+    return code
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -41,7 +46,10 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     from .parsing import read_competition
     from .prompting import Packer
 
-    frame = read_competition(args.data).frame
+    result = read_competition(args.data, on_bad_cell=args.on_bad_cell)
+    for problem in result.warnings[:20]:
+        print(f"warning {problem}", file=sys.stderr)
+    frame = result.frame
     packer = Packer(AutoTokenizer.from_pretrained(args.tokenizer), PackConfig(max_length=args.max_length))
     packed = packer.pack_frame(frame, swap=args.swap, progress=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="a tokenizer folder (AutoTokenizer.from_pretrained)")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--swap", action="store_true", help="pack with responses A and B exchanged")
+    p.add_argument("--on-bad-cell", choices=("raise", "text"), default="raise",
+                   help="text: keep an undecodable cell as one turn of raw text (warned), so no row is lost")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_cmd_pack)
 
@@ -118,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        print(f"lmsys {args.command}: error: {err}", file=sys.stderr)
+    except Exception as err:  # the CLI's contract: a message, never a traceback
+        print(f"lmsys {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
 

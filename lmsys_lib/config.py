@@ -37,8 +37,20 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     values = {}
     for key, value in data.items():
         default = fields[key].default
-        values[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        value = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        values[key] = _typed(cls.__name__, key, default, value)
     return cls(**values)
+
+
+def _typed(owner: str, key: str, default: Any, value: Any) -> Any:
+    """``value`` if it has the type of the field's default (an int is accepted for a float)."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if not ok:
+        raise ValueError(f"{owner}.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -118,6 +130,74 @@ class FoldConfig:
         _check(self.k >= 2, "k must be >= 2")
 
 
+LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A 3-class classifier built from a decoder checkpoint (``lmsys_lib.modeling``).
+
+    ``lora_r = 0`` trains every weight (full fine-tuning, for tiny models); otherwise LoRA on
+    ``target_modules`` with the classification head trained in full. ``quantization="nf4"`` loads the base
+    in 4-bit (bitsandbytes nf4, double quantisation) for QLoRA. ``dtype="auto"`` follows the device: bf16 on
+    sm >= 80, fp16 on older GPUs (T4 is sm75: no bf16), fp32 on CPU. ``attn_implementation="auto"`` is
+    eager when the checkpoint uses attention logit soft-capping (Gemma-2), which SDPA drops, else SDPA.
+    """
+
+    model_dir: str = ""
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = LINEAR_PROJECTIONS
+    quantization: str = "none"  # "none" or "nf4"
+    dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"
+    attn_implementation: str = "auto"  # "auto", "eager" or "sdpa"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be >= 0 and lora_alpha > 0")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
+        _check(self.quantization in ("none", "nf4"), "quantization must be 'none' or 'nf4'")
+        _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32")
+        _check(self.attn_implementation in ("auto", "eager", "sdpa"), "attn_implementation: auto, eager or sdpa")
+        _check(not (self.quantization == "nf4" and self.lora_r == 0), "nf4 (QLoRA) needs lora_r > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One fold of training (``lmsys_lib.train``).
+
+    One optimiser step sees ``batch_size × grad_accum × processes`` rows; the loss of a step is the sum of
+    its rows' losses divided by that true row count (a short last step is not over-weighted).
+    """
+
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0: stop after this many optimiser steps (before the epochs end)
+    batch_size: int = 4  # rows per micro-batch, length-grouped
+    grad_accum: int = 4
+    lr: float = 1e-4
+    head_lr: float = 0.0  # 0: same as lr
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1  # the cosine ends at lr × min_lr_ratio
+    max_grad_norm: float = 1.0
+    swap_prob: float = 0.5  # A/B swap augmentation: share of rows shown swapped (labels permuted)
+    eval_every: int = 50  # optimiser steps between held-out evaluations (0: only at the end)
+    checkpoint_every: int = 50  # optimiser steps between resumable checkpoints (0: never)
+    eval_batch_size: int = 8
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0 or self.max_steps > 0, "give epochs > 0 or max_steps > 0")
+        _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(self.lr > 0 and self.head_lr >= 0, "lr must be > 0 and head_lr >= 0")
+        _check(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.min_lr_ratio <= 1.0,
+               "warmup_ratio in [0, 1), min_lr_ratio in [0, 1]")
+        _check(0.0 <= self.swap_prob <= 1.0, "swap_prob must be in [0, 1]")
+        _check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every, checkpoint_every >= 0")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default."""
@@ -132,7 +212,9 @@ class DemoConfig:
         data = dict(data)
         nested = {"synth": SynthConfig, "pack": PackConfig, "folds": FoldConfig}
         for key, sub in nested.items():
-            if key in data and isinstance(data[key], dict):
+            if key in data:
+                if not isinstance(data[key], dict):
+                    raise ValueError(f"DemoConfig.{key}: expected an object of {sub.__name__} fields")
                 data[key] = from_dict(sub, data[key])
         return from_dict(cls, data)
 

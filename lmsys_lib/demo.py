@@ -29,18 +29,24 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
     cfg = cfg or C.DemoConfig()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stages: list[tuple[str, Any, Callable[[], str]]] = [
-        ("data", cfg.synth, lambda: stage_data(run_dir, cfg.synth)),
-        ("folds", cfg.folds, lambda: stage_folds(run_dir, cfg.folds)),
+    d = run_dir / "data"
+    stages: list[tuple[str, Any, Callable[[], str], list[Path]]] = [
+        ("data", cfg.synth, lambda: stage_data(run_dir, cfg.synth),
+         [d / "train.csv", d / "test.csv", d / "sample_submission.csv"]),
+        ("folds", cfg.folds, lambda: stage_folds(run_dir, cfg.folds), [d / "folds.parquet"]),
         ("tokenizer", {"vocab": cfg.tokenizer_vocab, "synth": C.to_dict(cfg.synth)},
-         lambda: stage_tokenizer(run_dir, cfg.tokenizer_vocab)),
-        ("pack", cfg.pack, lambda: stage_pack(run_dir, cfg.pack)),
-        ("eda", cfg.pack, lambda: stage_eda(run_dir)),
+         lambda: stage_tokenizer(run_dir, cfg.tokenizer_vocab), [run_dir / "tokenizer" / "tokenizer.json"]),
+        ("pack", cfg.pack, lambda: stage_pack(run_dir, cfg.pack),
+         [d / "packed_train.parquet", d / "packed_test.parquet"]),
+        ("eda", cfg.pack, lambda: stage_eda(run_dir), [run_dir / "eda.md"]),
     ]
-    for name, stage_cfg, fn in stages:
+    for name, stage_cfg, fn, outputs in stages:
         if not C.claim_stage(run_dir, name, stage_cfg, force=force):
-            log(f"[{name}] already done in {run_dir} (same config) — skipped")
-            continue
+            missing = [str(p) for p in outputs if not p.exists()]
+            if not missing:
+                log(f"[{name}] already done in {run_dir} (same config) — skipped")
+                continue
+            log(f"[{name}] outputs missing ({', '.join(missing)}) — running again")
         start = time.perf_counter()
         detail = fn()
         C.save_stage(run_dir, name, stage_cfg)

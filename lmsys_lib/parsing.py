@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
+import io
 import json
 import math
 import re
 import unicodedata
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,8 +50,11 @@ AB_SWAP = (1, 0, 2)
 NULL_TURN = "(null)"  # a JSON null turn: the arena logged no text for it (often a failed model call)
 MISSING_TURN = "(missing)"  # a response list shorter than the prompt list
 REPLACEMENT = "\ufffd"
+# columns of a conversation frame (model_a/model_b follow id when the file has them)
+FRAME_COLUMNS = ("id", "prompt", "response_a", "response_b", "n_rounds", "null_a", "null_b", "empty_a",
+                 "empty_b", "identical", "n_surrogates", "label")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_INT_ID = re.compile(r"^-?\d{1,18}$")
+_INT_ID = re.compile(r"^-?\d{1,18}$")  # int64-safe; ids with a leading zero stay strings
 _SPACES = re.compile(r"\s+")
 
 
@@ -114,14 +120,14 @@ def repair_surrogates(text: str) -> tuple[str, int]:
     return fixed, n
 
 
-def decode_cell(cell: Any, plain_ok: bool = False) -> tuple[list[str], int, int]:
+def decode_cell(cell: Any, plain: bool = False) -> tuple[list[str], int, int]:
     """One prompt/response cell → (turns, n_null_turns, n_surrogates_repaired).
 
     ``cell`` is the competition's JSON list text (``'["a",null]'``), or an already decoded list (parquet).
-    With ``plain_ok`` a cell that is not a JSON list is one turn of plain text (the UltraFeedback format).
-    Raises ``CellError`` on anything else.
+    With ``plain`` (a file of plain-string cells, see ``looks_plain``) a text cell is one turn, verbatim,
+    even when it happens to look like JSON. Raises ``CellError`` on anything else.
     """
-    items = _cell_items(cell, plain_ok)
+    items = [cell] if plain and isinstance(cell, str) else _cell_items(cell)
     turns, n_null, n_fixed = [], 0, 0
     for i, item in enumerate(items):
         if item is None or (isinstance(item, float) and math.isnan(item)):
@@ -138,22 +144,33 @@ def decode_cell(cell: Any, plain_ok: bool = False) -> tuple[list[str], int, int]
     return turns, n_null, n_fixed
 
 
-def _cell_items(cell: Any, plain_ok: bool) -> list[Any]:
+def _cell_items(cell: Any) -> list[Any]:
     if isinstance(cell, (list, tuple, np.ndarray)):
         return list(cell)
     if not isinstance(cell, str):
         raise CellError(f"expected JSON list text, got {type(cell).__name__}")
     try:
-        items = json.loads(cell)
+        items = json.loads(cell, strict=False)  # raw control characters inside strings are unambiguous
     except json.JSONDecodeError as err:
-        if plain_ok:
-            return [cell]
-        raise CellError(f"not valid JSON ({err.msg} at char {err.pos}): {cell[:60]!r}") from None
+        raise CellError(f"not valid JSON ({err}): {cell[:60]!r}") from None
     if isinstance(items, list):
         return items
-    if plain_ok:
-        return [cell]
     raise CellError(f"JSON {type(items).__name__}, expected a list of turns: {cell[:60]!r}")
+
+
+def looks_plain(raw: pd.DataFrame, sample: int = 2000) -> bool:
+    """True for a file of plain-string cells (UltraFeedback-derived): most of its prompt cells are text
+    that is not a JSON list. In the competition's files (and the 33k set) every cell is a JSON list, so a
+    few broken cells there stay errors instead of turning the whole file into plain text."""
+    cells = [c for c in raw["prompt"][:sample] if isinstance(c, str)]
+    return bool(cells) and sum(_is_json_list(c) for c in cells) < len(cells) / 2
+
+
+def _is_json_list(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), list)
+    except json.JSONDecodeError:
+        return False
 
 
 def encode_cell(turns: Sequence[str | None]) -> str:
@@ -171,13 +188,33 @@ def encode_cell(turns: Sequence[str | None]) -> str:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or parquet file as strings, exactly: no NA guessing, empty cells stay ''."""
+    """Read a CSV or parquet file as strings, exactly: no NA guessing, empty cells stay ''.
+
+    CSV must be UTF-8 (a leading BOM is tolerated); an undecodable byte or a malformed line is a
+    ``ValueError`` naming the file and where.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".parquet":
+    if path.suffix.lower() in (".parquet", ".pq"):
         return pd.read_parquet(path)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # gzip-compressed CSV
+        data = gzip.decompress(data)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8: byte {err.start} (line {line}) is {data[err.start:err.start + 1]!r}") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty file")
+    try:
+        with warnings.catch_warnings():  # a row with more fields than the header: an error, not a truncation
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False,
+                               index_col=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning, ValueError) as err:
+        raise ValueError(f"{path}: malformed CSV: {err}") from None
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -196,15 +233,16 @@ def detect_kind(columns: Iterable[str]) -> str:
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:
         return "ultrafeedback"
-    if set(TEXT_COLUMNS) <= cols:
-        return "train" if set(LABEL_COLUMNS) <= cols else "test"
-    if set(LABEL_COLUMNS) <= cols:
+    labelled = bool(cols & set(LABEL_COLUMNS))
+    if cols & set(TEXT_COLUMNS):
+        return "train" if labelled else "test"
+    if labelled:
         return "submission"
     return "unknown"
 
 
 def read_competition(path: str | Path, kind: str = "auto", strict: bool = True,
-                     on_bad_cell: str = "raise", plain_ok: bool = False) -> ParseResult:
+                     on_bad_cell: str = "raise", plain: bool = False) -> ParseResult:
     """Read train/test (or the 33k set, same columns) into a conversation frame.
 
     Args:
@@ -213,7 +251,7 @@ def read_competition(path: str | Path, kind: str = "auto", strict: bool = True,
         strict: raise ``DataError`` listing every fatal problem; otherwise return them in the result.
         on_bad_cell: "raise" (a fatal problem) or "text" (documented fallback: the raw cell becomes one
             turn of text and a warning is recorded — for inference, where every row needs a prediction).
-        plain_ok: accept plain-string cells as single turns (UltraFeedback-derived data).
+        plain: every text cell is one plain-string turn (UltraFeedback-derived data; see ``looks_plain``).
     Returns:
         ``ParseResult`` with the frame (all rows, file order), kind and problems.
     """
@@ -222,27 +260,28 @@ def read_competition(path: str | Path, kind: str = "auto", strict: bool = True,
     if kind not in ("train", "test"):
         raise DataError(str(path), [Problem("columns", f"not a train/test file (looks like {kind}); "
                                             f"columns are {list(raw.columns)}")])
-    result = parse_frame(raw, kind, on_bad_cell=on_bad_cell, plain_ok=plain_ok)
+    result = parse_frame(raw, kind, on_bad_cell=on_bad_cell, plain=plain)
     if strict and result.fatal:
         raise DataError(str(path), result.fatal)
     return result
 
 
 def parse_frame(raw: pd.DataFrame, kind: str, on_bad_cell: str = "raise",
-                plain_ok: bool = False) -> ParseResult:
+                plain: bool = False) -> ParseResult:
     """Raw string frame → conversation frame (see the module contract); never drops a row."""
     required = TRAIN_COLUMNS if kind == "train" else TEST_COLUMNS
     missing = [c for c in required if c not in raw.columns and c not in ("model_a", "model_b")]
     if missing:
-        return ParseResult(pd.DataFrame(), kind, [Problem(c, "missing column") for c in missing])
+        return ParseResult(pd.DataFrame(columns=list(FRAME_COLUMNS)), kind,
+                           [Problem(c, "missing column") for c in missing])
     ids, problems = parse_ids(raw["id"])
     labels = np.full(len(raw), -1, dtype=np.int8)
     if kind == "train":
         labels, label_problems = parse_labels(raw, ids)
         problems += label_problems
-    rows, cell_problems = _parse_rows(raw, ids, on_bad_cell, plain_ok)
+    rows, cell_problems = _parse_rows(raw, ids, on_bad_cell, plain)
     problems += cell_problems
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=list(FRAME_COLUMNS[1:-1]))
     frame.insert(0, "id", ids)
     for col in ("model_a", "model_b"):
         if col in raw.columns:
@@ -253,9 +292,10 @@ def parse_frame(raw: pd.DataFrame, kind: str, on_bad_cell: str = "raise",
 
 def parse_ids(column: pd.Series) -> tuple[pd.Series, list[Problem]]:
     """Ids → int64 when all are decimal integers, else str; empty and duplicate ids are fatal."""
-    text = column.astype(str).str.strip()
+    text = column.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip())
     problems = [Problem("id", "empty id", row_id="", record=i + 1) for i in np.flatnonzero(text == "")]
-    ids = text.astype("int64") if text.map(lambda s: bool(_INT_ID.match(s))).all() else text
+    numeric = text.map(lambda s: bool(_INT_ID.match(s)) and not (len(s) > 1 and s.lstrip("-").startswith("0")))
+    ids = text.astype("int64") if len(text) and numeric.all() else text
     dup = ids.duplicated(keep=False).to_numpy()
     for i in np.flatnonzero(dup & (text != "").to_numpy()):
         problems.append(Problem("id", "duplicate id", row_id=ids.iloc[i], record=i + 1))
@@ -278,6 +318,8 @@ def parse_labels(raw: pd.DataFrame, ids: pd.Series) -> tuple[np.ndarray, list[Pr
 
 
 def _as_binary(value: str) -> int | None:
+    if value in ("True", "False"):  # boolean columns (parquet)
+        return int(value == "True")
     try:
         number = float(value)
     except ValueError:
@@ -286,14 +328,14 @@ def _as_binary(value: str) -> int | None:
 
 
 def _parse_rows(raw: pd.DataFrame, ids: pd.Series, on_bad_cell: str,
-                plain_ok: bool) -> tuple[list[dict[str, Any]], list[Problem]]:
+                plain: bool) -> tuple[list[dict[str, Any]], list[Problem]]:
     rows, problems = [], []
     cells = raw[list(TEXT_COLUMNS)].to_numpy()
     for i, triple in enumerate(cells):
         parts, counts = {}, {"null": {}, "fixed": 0}
         for field, cell in zip(TEXT_COLUMNS, triple):
             try:
-                turns, n_null, n_fixed = decode_cell(cell, plain_ok=plain_ok)
+                turns, n_null, n_fixed = decode_cell(cell, plain=plain)
             except CellError as err:
                 fallback = on_bad_cell == "text" and isinstance(cell, str)
                 problems.append(Problem(field, str(err) + ("; kept as one text turn" if fallback else ""),
@@ -358,48 +400,99 @@ def read_extra(path: str | Path, seed: int = 0, strict: bool = True) -> ParseRes
       ``score_rejected``): equal ratings are a tie; which side is A is drawn with ``seed`` (chosen always
       in A would teach the model a position).
     """
-    raw = read_table(path)
-    kind = detect_kind(raw.columns)
-    if kind == "ultrafeedback":
-        raw = chosen_rejected_to_competition(raw, seed)
-        kind = "train"
-    if kind != "train":
-        raise DataError(str(path), [Problem("columns", f"not a labelled preference file; columns are "
-                                            f"{list(raw.columns)}")])
-    result = parse_frame(raw, "train", plain_ok=True)
+    result = _parse_extra(read_table(path), seed)
+    if result.kind == "unknown":
+        raise DataError(str(path), result.problems)
     if strict and result.fatal:
         raise DataError(str(path), result.fatal)
     return result
 
 
-def chosen_rejected_to_competition(raw: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
-    """``chosen``/``rejected`` message lists (+ ratings) → competition columns, A/B drawn at random."""
+def _parse_extra(raw: pd.DataFrame, seed: int) -> ParseResult:
+    kind = detect_kind(raw.columns)
+    problems: list[Problem] = []
+    if kind == "ultrafeedback":
+        raw, problems = chosen_rejected_to_competition(raw, seed)
+        kind = "train"
+    if kind != "train":
+        return ParseResult(pd.DataFrame(columns=list(FRAME_COLUMNS)), "unknown",
+                           [Problem("columns", f"not a labelled preference file; columns are {list(raw.columns)}")])
+    result = parse_frame(raw, "train", plain=looks_plain(raw))
+    result.problems[:0] = problems
+    return result
+
+
+def chosen_rejected_to_competition(raw: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, list[Problem]]:
+    """``chosen``/``rejected`` message lists (+ ratings) → competition columns, A/B drawn at random.
+
+    Returns the frame (one row per input row; a row that cannot be read keeps empty cells, which
+    ``parse_frame`` then reports) and the problems found, each naming its row and field.
+    """
     rng = np.random.default_rng(seed)
     score_c = _first_column(raw, ("score_chosen", "chosen-rating", "chosen_rating"))
     score_r = _first_column(raw, ("score_rejected", "rejected-rating", "rejected_rating"))
+    problems = []
+    if (score_c is None) != (score_r is None):
+        problems.append(Problem(score_c or score_r or "score", "only one side has a rating column"))
+        score_c = score_r = None
     rows = []
     for i, rec in enumerate(raw.to_dict("records")):
-        chosen, rejected = _messages(rec["chosen"]), _messages(rec["rejected"])
-        user = [m["content"] for m in chosen if m.get("role") == "user"]
-        ans_c = [m["content"] for m in chosen if m.get("role") == "assistant"]
-        ans_r = [m["content"] for m in rejected if m.get("role") == "assistant"]
-        tie = score_c is not None and float(rec[score_c]) == float(rec[score_r])
-        chosen_first = bool(rng.random() < 0.5)
-        a, b = (ans_c, ans_r) if chosen_first else (ans_r, ans_c)
-        winner = (0, 0, 1) if tie else ((1, 0, 0) if chosen_first else (0, 1, 0))
-        rows.append({"id": str(rec.get("prompt_id", rec.get("id", i))), "model_a": "", "model_b": "",
-                     "prompt": encode_cell(user), "response_a": encode_cell(a),
-                     "response_b": encode_cell(b)} | dict(zip(LABEL_COLUMNS, map(str, winner))))
-    return pd.DataFrame(rows, columns=list(TRAIN_COLUMNS))
+        row_id = str(rec.get("prompt_id", rec.get("id", i)))
+        chosen_first = bool(rng.random() < 0.5)  # drawn for every row, so a bad row shifts nothing
+        try:
+            rows.append(_chosen_rejected_row(rec, row_id, chosen_first, score_c, score_r))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            problems.append(Problem(getattr(err, "field", "chosen/rejected"), str(err), row_id, i + 1))
+            rows.append({"id": row_id, "model_a": "", "model_b": "", "prompt": "", "response_a": "",
+                         "response_b": ""} | dict(zip(LABEL_COLUMNS, ("0", "0", "1"))))
+    return pd.DataFrame(rows, columns=list(TRAIN_COLUMNS)), problems
+
+
+def _chosen_rejected_row(rec: dict[str, Any], row_id: str, chosen_first: bool, score_c: str | None,
+                         score_r: str | None) -> dict[str, Any]:
+    chosen, rejected = _messages(rec, "chosen"), _messages(rec, "rejected")
+    user = [m["content"] for m in chosen if m.get("role") == "user"]
+    ans_c = [m["content"] for m in chosen if m.get("role") == "assistant"]
+    ans_r = [m["content"] for m in rejected if m.get("role") == "assistant"]
+    tie = score_c is not None and _score(rec, score_c) == _score(rec, score_r)
+    a, b = (ans_c, ans_r) if chosen_first else (ans_r, ans_c)
+    winner = (0, 0, 1) if tie else ((1, 0, 0) if chosen_first else (0, 1, 0))
+    return {"id": row_id, "model_a": "", "model_b": "", "prompt": encode_cell(user),
+            "response_a": encode_cell(a), "response_b": encode_cell(b)} | dict(zip(LABEL_COLUMNS, map(str, winner)))
+
+
+def _score(rec: dict[str, Any], column: str | None) -> float:
+    try:
+        return float(rec[column])
+    except (TypeError, ValueError):
+        raise _FieldError(column or "score", f"rating {rec.get(column)!r} is not a number") from None
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def _first_column(raw: pd.DataFrame, names: Sequence[str]) -> str | None:
     return next((n for n in names if n in raw.columns), None)
 
 
-def _messages(cell: Any) -> list[dict[str, Any]]:
-    messages = json.loads(cell) if isinstance(cell, str) else list(cell)
-    return [dict(m) for m in messages]
+def _messages(rec: dict[str, Any], field: str) -> list[dict[str, Any]]:
+    """A message list cell → [{"role", "content"}, …]; anything else raises naming the field."""
+    cell = rec[field]
+    try:
+        messages = json.loads(cell) if isinstance(cell, str) else list(cell)
+    except (json.JSONDecodeError, TypeError):
+        raise _FieldError(field, f"not a JSON list of messages: {str(cell)[:60]!r}") from None
+    if not isinstance(messages, list) or not messages:
+        raise _FieldError(field, "expected a non-empty list of messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise _FieldError(field, f"message without a role and a string content: {str(m)[:60]!r}")
+        out.append(dict(m))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -491,6 +584,8 @@ def grouped_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> np.ndarray
     """
     keys = frame["prompt"].map(prompt_key)
     codes, uniques = pd.factorize(keys)
+    if k < 2 or len(uniques) < k:
+        raise ValueError(f"cannot make {k} grouped folds from {len(uniques)} distinct prompts (k must be >= 2)")
     sizes = np.bincount(codes, minlength=len(uniques))
     order = np.random.default_rng(seed).permutation(len(uniques))
     order = order[np.argsort(-sizes[order], kind="stable")]
@@ -504,14 +599,14 @@ def grouped_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> np.ndarray
 
 
 def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Drop repeated conversations (same normalised prompt and responses, either A/B order), keep first.
+    """Drop repeated conversations (the same prompt and responses, exactly, in either A/B order); keep the first.
 
     Returns the kept rows and counts: ``dropped``, and ``label_conflicts`` (a dropped copy whose label,
     after un-swapping, differs from the kept row's).
     """
-    p = frame["prompt"].map(prompt_key)
-    a = frame["response_a"].map(prompt_key)
-    b = frame["response_b"].map(prompt_key)
+    p = frame["prompt"].map(_exact_key)
+    a = frame["response_a"].map(_exact_key)
+    b = frame["response_b"].map(_exact_key)
     swapped = a > b
     key = p + "\x00" + a.where(~swapped, b) + "\x00" + b.where(~swapped, a)
     labels = frame["label"].to_numpy() if "label" in frame.columns else np.full(len(frame), -1)
@@ -520,6 +615,10 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     dup = key.duplicated(keep="first").to_numpy()
     conflicts = int((dup & (canonical != first)).sum())
     return frame.loc[~dup].reset_index(drop=True), {"dropped": int(dup.sum()), "label_conflicts": conflicts}
+
+
+def _exact_key(turns: Sequence[str]) -> str:
+    return json.dumps(list(turns), ensure_ascii=False)  # turns kept apart: ["a","b c"] != ["a b","c"]
 
 
 def summarise(result: ParseResult) -> dict[str, Any]:
@@ -580,9 +679,12 @@ def validate_file(path: str | Path, test_path: str | Path | None = None) -> Vali
         test_ids = None if test_path is None else read_table(test_path)["id"].tolist()
         return ValidationReport(str(path), kind, {"rows": len(raw)}, check_submission(raw, test_ids))
     if kind == "ultrafeedback":
-        result = parse_frame(chosen_rejected_to_competition(raw), "train", plain_ok=True)
+        result = _parse_extra(raw, seed=0)
+        kind = "ultrafeedback (chosen/rejected)"
     elif kind in ("train", "test"):
-        result = parse_frame(raw, kind)
+        plain = "prompt" in raw.columns and looks_plain(raw)
+        result = parse_frame(raw, kind, plain=plain)
+        kind += " (plain-string cells)" if plain else ""
     else:
         missing = [c for c in TEST_COLUMNS if c not in raw.columns]
         return ValidationReport(str(path), "unknown", {"rows": len(raw)},

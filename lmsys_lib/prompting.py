@@ -224,7 +224,10 @@ class Packer:
 
     def _pack_chunk(self, part: pd.DataFrame, swap: bool) -> list[Packed]:
         texts, bounds = [], []
-        for p, a, b in zip(part["prompt"], part["response_a"], part["response_b"]):
+        for row_id, p, a, b in zip(part["id"], part["prompt"], part["response_a"], part["response_b"]):
+            if not (len(p) == len(a) == len(b)) or not p:
+                raise ValueError(f"row id={row_id}: prompt/response_a/response_b have {len(p)}/{len(a)}/{len(b)} "
+                                 "turns; use parsing.read_competition, which aligns them")
             bounds.append((len(texts), len(p)))
             texts += [*p, *a, *b]
         ids = self.encode_many(texts)

@@ -34,6 +34,9 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path):
 
     again = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert again.returncode == 0 and again.stdout.count("already done") == 5
+    (run / "data" / "packed_test.parquet").unlink()  # a finished stage whose output went missing runs again
+    healed = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
+    assert "[pack] outputs missing" in healed.stdout and (run / "data" / "packed_test.parquet").exists()
 
     cfg.write_text(json.dumps({"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": 128}}))
     clash = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))

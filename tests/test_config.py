@@ -16,6 +16,14 @@ def test_unknown_key_is_an_error_naming_it():
         C.DemoConfig.from_dict({"synth": {"rows": 5}})
 
 
+def test_wrong_value_types_are_errors_naming_the_field():
+    with pytest.raises(ValueError, match=r"SynthConfig.n_train: expected int, got str '5'"):
+        C.DemoConfig.from_dict({"synth": {"n_train": "5"}})
+    with pytest.raises(ValueError, match="DemoConfig.pack: expected an object"):
+        C.DemoConfig.from_dict({"pack": "x"})
+    assert C.from_dict(C.TrainConfig, {"lr": 1}).lr == 1.0  # an int is fine for a float
+
+
 def test_json_round_trip():
     cfg = C.DemoConfig(pack=C.PackConfig(max_length=300, fractions=(0.1, 0.45, 0.45)))
     again = C.DemoConfig.from_dict(json.loads(json.dumps(C.to_dict(cfg))))

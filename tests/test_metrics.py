@@ -40,6 +40,13 @@ def test_uniform_and_onehot_labels():
     assert np.isclose(row_log_loss(y, uniform).mean(), log_loss(y, uniform))
 
 
+def test_every_metric_checks_lengths():
+    with pytest.raises(ValueError, match="3 labels for 4 rows"):
+        row_log_loss(np.array([0, 1, 2]), np.full((4, 3), 1 / 3))
+    with pytest.raises(ValueError, match="3 labels for 4 rows"):
+        accuracy(np.array([0, 1, 2]), np.full((4, 3), 1 / 3))
+
+
 def test_accuracy_and_softmax():
     probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
     assert accuracy(np.array([0, 1, 0]), probs) == pytest.approx(2 / 3)
@@ -53,6 +60,8 @@ def test_accuracy_and_softmax():
     (np.array([0]), np.array([[np.nan, 0.5, 0.5]]), "finite"),
     (np.array([0]), np.array([[-0.1, 0.5, 0.6]]), "non-negative"),
     (np.array([[1, 1, 0]]), np.full((1, 3), 1 / 3), "exactly one 1"),
+    (np.array([0, 1]), np.array([[0.0, 0.0, 0.0], [0.2, 0.3, 0.5]]), "sum to 0 at rows \\[0\\]"),
+    (np.array([1.5]), np.full((1, 3), 1 / 3), "integer class indices"),
 ])
 def test_bad_input_raises(y, probs, message):
     with pytest.raises(ValueError, match=message):

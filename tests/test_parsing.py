@@ -71,15 +71,16 @@ def test_lone_surrogates_repaired_and_counted():
 
 @pytest.mark.parametrize("cell, message", [
     ("not json", "not valid JSON"), ('{"a": 1}', "expected a list"), ("[1]", "turn 0 is int"),
-    ("[]", "empty list"),
+    ("[]", "empty list"), ("null", "JSON NoneType"), ('[["nested"]]', "turn 0 is list"),
 ])
 def test_bad_cells_raise(cell, message):
     with pytest.raises(P.CellError, match=message):
         P.decode_cell(cell)
 
 
-def test_plain_string_cell_is_one_turn_when_allowed():
-    assert P.decode_cell("Just a question?", plain_ok=True)[0] == ["Just a question?"]
+def test_plain_string_cell_is_one_turn_verbatim():
+    assert P.decode_cell("Just a question?", plain=True)[0] == ["Just a question?"]
+    assert P.decode_cell('["apple", "banana"]', plain=True)[0] == ['["apple", "banana"]']
 
 
 def test_encode_cell_is_the_competition_dialect():
@@ -138,6 +139,55 @@ def test_validate_cli_missing_column_and_missing_file(tmp_path):
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_train_file_missing_one_label_column_is_fatal(tmp_path):
+    path = _write(tmp_path, "t.csv", HEADER.replace(",winner_tie", "")
+                  + '1,m1,m2,"[""q""]","[""a""]","[""b""]",1,0\n')
+    report = P.validate_file(path)
+    assert not report.ok and "field=winner_tie: missing column" in report.render()
+    sub = _write(tmp_path, "s.csv", "id,winner_model_a,winner_model_b\n1,0.5,0.5\n")
+    assert "field=winner_tie: missing column" in P.validate_file(sub).render()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin1.csv", HEADER.encode() + b'1,m\xe9,m2,"[""q""]","[""a""]","[""b""]",1,0,0\n', r"not UTF-8: byte 92 \(line 2\)"),
+    ("empty.csv", b"", "empty file"),
+    ("longrow.csv", HEADER.encode() + b'1,m1,m2,"[""q""]","[""a""]","[""b""]",1,0,0,extra\n', "malformed CSV"),
+])
+def test_unreadable_files_name_the_file_and_place(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        P.read_table(path)
+
+
+def test_bom_header_only_and_gzip_files(tmp_path):
+    row = '1,m1,m2,"[""q""]","[""a""]","[""b""]",1,0,0\n'
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + (HEADER + row).encode())
+    assert P.read_competition(tmp_path / "bom.csv").frame["id"].tolist() == [1]
+    empty = P.read_competition(_write(tmp_path, "h.csv", HEADER)).frame
+    assert len(empty) == 0 and {"prompt", "response_a", "label"} <= set(empty.columns)
+    import gzip
+    (tmp_path / "t.csv.gz").write_bytes(gzip.compress((HEADER + row).encode()))
+    assert P.read_competition(tmp_path / "t.csv.gz").frame["label"].tolist() == [0]
+
+
+def test_ids_keep_their_text_when_not_plain_integers(tmp_path):
+    path = _write(tmp_path, "t.csv", "id,prompt,response_a,response_b\n"
+                  '007,"[""q""]","[""a""]","[""b""]"\n7,"[""q""]","[""a""]","[""b""]"\n')
+    result = P.read_competition(path)
+    assert result.frame["id"].tolist() == ["007", "7"] and not result.fatal
+
+
+def test_validate_cli_checks_every_file_and_reports_unreadable_ones(tmp_path):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes(HEADER.encode() + b'1,m\xe9,m2,"[""q""]","[""a""]","[""b""]",1,0,0\n')
+    good = _write(tmp_path, "good.csv", HEADER + '1,m1,m2,"[""q""]","[""a""]","[""b""]",1,0,0\n')
+    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "validate", str(bad), str(good)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "latin1.csv: cannot be read" in proc.stderr
+    assert "good.csv: train, 1 rows — OK" in proc.stdout and "Traceback" not in proc.stderr
+
+
 def test_bad_cell_fallback_keeps_every_row_for_inference(tmp_path):
     path = _write(tmp_path, "test.csv", "id,prompt,response_a,response_b\n"
                   '7,[oops,"[""a""]","[""b""]"\n8,"[""q""]","[""a""]","[""b""]"\n')
@@ -192,6 +242,8 @@ def test_grouped_folds_keep_a_prompt_in_one_fold(synth_frame):
     frame.at[9, "prompt"] = ["how do i fix\npizza?"]
     folds = P.grouped_folds(frame, k=5, seed=1)
     assert folds[5] == folds[9]
+    with pytest.raises(ValueError, match="cannot make 5 grouped folds from 2 distinct prompts"):
+        P.grouped_folds(frame.iloc[[5, 9, 0]], k=5)
     keys = frame["prompt"].map(P.prompt_key)
     assert (pd.Series(folds).groupby(keys.to_numpy()).nunique() == 1).all()
     sizes = np.bincount(folds, minlength=5)
@@ -200,16 +252,17 @@ def test_grouped_folds_keep_a_prompt_in_one_fold(synth_frame):
     assert not (P.grouped_folds(frame, k=5, seed=2) == folds).all()
 
 
-def test_deduplicate_drops_copies_and_swapped_copies():
+def test_deduplicate_drops_exact_copies_and_swapped_copies():
     frame = pd.DataFrame({
-        "prompt": [["Q"], ["q "], ["Q"], ["other"]],
-        "response_a": [["x"], ["x"], ["y"], ["x"]],
-        "response_b": [["y"], ["y"], ["x"], ["y"]],
-        "label": np.array([0, 0, 0, 2], dtype=np.int8),
+        "prompt": [["Q"], ["Q"], ["Q"], ["other"], ["q "], ["a", "b c"], ["a b", "c"]],
+        "response_a": [["x"], ["x"], ["y"], ["x"], ["x"], ["r", "r"], ["r", "r"]],
+        "response_b": [["y"], ["y"], ["x"], ["y"], ["y"], ["s", "s"], ["s", "s"]],
+        "label": np.array([0, 0, 0, 2, 0, 1, 1], dtype=np.int8),
     })
     kept, counts = P.deduplicate(frame)
-    assert len(kept) == 2 and counts == {"dropped": 2, "label_conflicts": 1}
-    # row 2 is row 0 swapped: its label 0 (A=y wins) contradicts row 0's A=x wins → a conflict
+    assert len(kept) == 5 and counts == {"dropped": 2, "label_conflicts": 1}
+    # row 2 is row 0 swapped: its label 0 (A=y wins) contradicts row 0's A=x wins → a conflict;
+    # "q " differs from "Q", and turns ["a","b c"] differ from ["a b","c"]: all kept
 
 
 # -- extra data sets ---------------------------------------------------------------------------------
@@ -226,13 +279,32 @@ def test_33k_format_hex_ids_and_spaced_separators(tmp_path):
 
 
 def test_ultrafeedback_plain_string_prompt(tmp_path):
-    rows = pd.DataFrame({"id": ["u1"], "model_a": ["m"], "model_b": ["n"], "prompt": ["Plain question?"],
-                         "response_a": ["Plain answer"], "response_b": ['["listed"]'],
-                         "winner_model_a": ["1"], "winner_model_b": ["0"], "winner_tie": ["0"]})
+    prompts = ["Plain question?", '["apple", "banana"]', "[3, 1, 2]"] + [f"Question {i}?" for i in range(5)]
+    rows = pd.DataFrame({"id": [f"u{i + 1}" for i in range(8)], "model_a": "m", "model_b": "n",
+                         "prompt": prompts, "response_a": ["Plain answer"] + ["x"] * 7,
+                         "response_b": ['["listed"]'] + ["z"] * 7,
+                         "winner_model_a": "1", "winner_model_b": "0", "winner_tie": "0"})
     path = tmp_path / "uf.csv"
     P.write_table(rows, path)
     frame = P.read_extra(path).frame
-    assert frame.loc[0, "prompt"] == ["Plain question?"] and frame.loc[0, "response_b"] == ["listed"]
+    assert frame.loc[0, "prompt"] == ["Plain question?"] and frame.loc[0, "response_b"] == ['["listed"]']
+    assert frame.loc[1, "prompt"] == ['["apple", "banana"]'] and frame.loc[2, "prompt"] == ["[3, 1, 2]"]
+    assert P.validate_file(path).ok
+
+
+def test_ultrafeedback_bad_rows_are_named(tmp_path):
+    good = json.dumps([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    rows = pd.DataFrame({"prompt_id": ["p1", "p2", "p3"], "chosen": [good, "not json", good],
+                         "rejected": [good, good, json.dumps([{"role": "user"}])],
+                         "score_chosen": ["5", "5", ""], "score_rejected": ["1", "1", "1"]})
+    path = tmp_path / "uf.csv"
+    P.write_table(rows, path)
+    report = P.validate_file(path)
+    text = report.render()
+    assert not report.ok and "id=p2 (record 2) field=chosen: not a JSON list" in text
+    assert "id=p3 (record 3) field=rejected: message without a role" in text
+    with pytest.raises(P.DataError, match="p2"):
+        P.read_extra(path)
 
 
 def test_ultrafeedback_chosen_rejected_ratings(tmp_path):

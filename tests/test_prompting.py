@@ -211,6 +211,14 @@ def test_pack_frame_matches_pack_and_swaps_labels(tokenizer, synth_frame):
     assert (swapped["label"].to_numpy() == np.array([1, 0, 2])[frame["label"].to_numpy()]).all()
 
 
+def test_pack_frame_refuses_unaligned_rows(tokenizer):
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [9], "prompt": [["p1", "p2"]], "response_a": [["a1"]], "response_b": [["b1", "b2"]]})
+    with pytest.raises(ValueError, match="row id=9: prompt/response_a/response_b have 2/1/2 turns"):
+        Packer(tokenizer, PackConfig(max_length=128)).pack_frame(frame)
+
+
 def test_lone_surrogates_never_reach_the_tokenizer(tokenizer):
     packer = Packer(tokenizer, PackConfig(max_length=128))
     packed = packer.pack(["bad \ud800 text"], ["ok"], ["ok"])
