@@ -80,6 +80,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    from . import teacher
+    from .config import TeacherConfig, from_dict
+
+    data = json.loads(Path(args.config).read_text()) if args.config else {}
+    data.setdefault("model", {})
+    if args.model_dir:
+        data["model"]["model_dir"] = args.model_dir
+    if args.name:
+        data["name"] = args.name
+    if args.folds is not None:
+        data["folds"] = args.folds
+    cfg = from_dict(TeacherConfig, data)
+    print(teacher.run(args.run_dir, cfg))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmsys", description="arena-distill: LMSYS Chatbot Arena tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file with a DemoConfig (unknown keys are an error)")
     p.add_argument("--force", action="store_true", help="re-run finished stages, replacing their output")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("teacher", help="train a teacher's folds and write its out-of-fold logits "
+                       "(multi-GPU: accelerate launch -m lmsys_lib teacher …)")
+    p.add_argument("--run-dir", required=True, help="run folder with data/train.csv and data/folds.parquet")
+    p.add_argument("--config", help="JSON TeacherConfig: name, model, train, pack, folds, fraction")
+    p.add_argument("--model-dir", help="HF checkpoint folder (overrides the config's model.model_dir)")
+    p.add_argument("--name", help="teacher name (overrides the config's)")
+    p.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
+    p.set_defaults(fn=_cmd_teacher)
 
     p = sub.add_parser("validate", help="check train/test/submission files; exit 1 on fatal problems")
     p.add_argument("paths", nargs="+")

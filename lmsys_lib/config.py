@@ -37,6 +37,10 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     values = {}
     for key, value in data.items():
         default = fields[key].default
+        if dataclasses.is_dataclass(default):  # a nested stage config, given as an object
+            if not isinstance(value, dict):
+                raise ValueError(f"{cls.__name__}.{key}: expected an object of {type(default).__name__} fields")
+            value = from_dict(type(default), value)
         value = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
         values[key] = _typed(cls.__name__, key, default, value)
     return cls(**values)
@@ -209,14 +213,23 @@ class DemoConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DemoConfig:
-        data = dict(data)
-        nested = {"synth": SynthConfig, "pack": PackConfig, "folds": FoldConfig}
-        for key, sub in nested.items():
-            if key in data:
-                if not isinstance(data[key], dict):
-                    raise ValueError(f"DemoConfig.{key}: expected an object of {sub.__name__} fields")
-                data[key] = from_dict(sub, data[key])
         return from_dict(cls, data)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """A teacher: k-fold training and OOF logits (``lmsys_lib.teacher``); ``folds`` empty = all folds."""
+
+    name: str = "teacher"
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    pack: PackConfig = PackConfig(max_length=1024)
+    folds: tuple[int, ...] = ()
+    fraction: float = 1.0  # dry run: train and evaluate on this share of each fold
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name must be a plain folder name")
+        _check(0.0 < self.fraction <= 1.0, "fraction must be in (0, 1]")
 
 
 def claim_stage(run_dir: str | Path, stage: str, cfg: Any, force: bool = False) -> bool:

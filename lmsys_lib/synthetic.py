@@ -73,7 +73,7 @@ _PROMPT_FORMS = ("How do I {v} {t}?", "Explain {t} to a beginner.", "Write a sho
 _VERBS = ("start with", "understand", "improve", "explain", "fix", "choose")
 
 # Utility weights (arena biases): log-length, markdown, relevance, refusal. Davidson tie strength NU.
-W_LENGTH, W_FORMAT, W_RELEVANT, W_REFUSAL, NU, A_BIAS = 0.55, 0.6, 0.8, -2.5, 1.08, 0.03
+W_LENGTH, W_FORMAT, W_RELEVANT, W_REFUSAL, NU, A_BIAS = 0.55, 0.8, 0.8, -2.5, 1.08, 0.03
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ def _unique_ids(n: int, rng: np.random.Generator) -> np.ndarray:
 def _make_models(n: int, rng: np.random.Generator) -> list[_Model]:
     names = rng.choice(MODEL_NAMES, n, replace=False)
     return [_Model(str(name), float(rng.normal(0, 0.4)), float(rng.normal(0, 0.35)),
-                   float(rng.uniform(0.1, 0.8)), float(rng.uniform(0.0, 0.08))) for name in names]
+                   float(rng.uniform(0.1, 0.8)), float(rng.uniform(0.02, 0.15))) for name in names]
 
 
 def _labelled_row(row_id: int, models: list[_Model], cfg: SynthConfig,

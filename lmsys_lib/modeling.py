@@ -1,0 +1,184 @@
+"""A 3-class preference classifier from any HF decoder checkpoint, with LoRA / QLoRA and a dtype policy.
+
+Contract:
+- ``load_classifier(cfg, device)`` returns ``(model, tokenizer)``: a ``*ForSequenceClassification`` with
+  ``num_labels = 3`` (A, B, tie) whose score head pools the rightmost non-pad token. The pad token is
+  always distinct from EOS and from every id the packer emits (a pad equal to EOS would let a real EOS in
+  the text be taken for padding); batches are right-padded, so real tokens keep positions 0..n-1.
+- With ``lora_r > 0`` only the LoRA matrices and the score head train; every base weight stays
+  bit-identical. With ``quantization="nf4"`` the base is loaded in 4-bit (QLoRA).
+- The dtype follows ``dtype_for``: bf16 on sm >= 80, fp16 on older GPUs (T4, sm75, has no bf16), fp32 on
+  CPU. Gemma-2 soft-caps attention logits, which SDPA ignores: ``attn_implementation="auto"`` picks eager
+  whenever the checkpoint's config sets ``attn_logit_softcapping``.
+
+Rank and device are passed in, never queried in a constructor. torch/transformers/peft imports are local.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+
+NUM_LABELS = 3
+PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+TINY_FAMILIES = ("gemma2", "gemma3_text", "llama", "qwen2")
+
+
+def dtype_for(device: Any, requested: str = "auto") -> Any:
+    """torch dtype for ``device``: explicit when requested, else bf16 (sm >= 80), fp16 (older GPU), fp32 (CPU)."""
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested != "auto":
+        return table[requested]
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def attention_for(model_config: Any, requested: str = "auto") -> str:
+    """``eager`` when the checkpoint soft-caps attention logits (SDPA would silently drop the cap)."""
+    if requested != "auto":
+        return requested
+    return "eager" if getattr(model_config, "attn_logit_softcapping", None) else "sdpa"
+
+
+def choose_pad_token(tokenizer: Any) -> tuple[str, bool]:
+    """(pad token, whether it must be added to the vocabulary). Never EOS, never BOS."""
+    avoid = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in avoid:
+        return tokenizer.pad_token, False
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] not in avoid:
+            return candidate, False
+    return "<pad>", True
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The checkpoint's tokenizer with a pad token distinct from EOS/BOS and right padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad, added = choose_pad_token(tokenizer)
+    if added:
+        tokenizer.add_special_tokens({"pad_token": pad})
+    else:
+        tokenizer.pad_token = pad
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_classifier(cfg: ModelConfig, device: Any = "cpu", tokenizer: Any = None) -> tuple[Any, Any]:
+    """Load ``cfg.model_dir`` as a 3-class classifier (LoRA attached when ``lora_r > 0``).
+
+    Args:
+        cfg: the model config; ``cfg.model_dir`` holds a HF checkpoint and its tokenizer.
+        device: where the model goes ("cpu", "cuda:0", …); a 4-bit base is placed by bitsandbytes.
+        tokenizer: reuse an already loaded tokenizer (else ``load_tokenizer(model_dir)``).
+    Returns:
+        (model, tokenizer) — the model in train mode with only the intended parameters trainable.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if not cfg.model_dir or not Path(cfg.model_dir, "config.json").exists():
+        raise FileNotFoundError(f"model_dir {cfg.model_dir!r} holds no config.json (a HF checkpoint folder)")
+    tokenizer = tokenizer or load_tokenizer(cfg.model_dir)
+    base_config = AutoConfig.from_pretrained(cfg.model_dir)
+    dtype = dtype_for(device, cfg.dtype)
+    kwargs: dict[str, Any] = {"num_labels": NUM_LABELS, "dtype": dtype,
+                              "attn_implementation": attention_for(base_config, cfg.attn_implementation)}
+    if cfg.quantization == "nf4":
+        kwargs["quantization_config"] = nf4_config(dtype)
+        kwargs["device_map"] = {"": torch.device(device).index or 0} if torch.device(device).type == "cuda" \
+            else {"": "cpu"}
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, **kwargs)
+    _set_pad(model, tokenizer)
+    if cfg.quantization != "nf4":
+        model.to(device)
+    return attach_adapters(model, cfg), tokenizer
+
+
+def _set_pad(model: Any, tokenizer: Any) -> None:
+    if tokenizer.pad_token_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def nf4_config(compute_dtype: Any) -> Any:
+    """bitsandbytes 4-bit NF4 with double quantisation (the QLoRA recipe)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_quant_storage=compute_dtype)  # lets FSDP shard the packed weights
+
+
+def attach_adapters(model: Any, cfg: ModelConfig) -> Any:
+    """LoRA on ``cfg.target_modules`` + a fully trained score head; or everything trainable (r = 0)."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r == 0:
+        model.train()
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules))
+    model = get_peft_model(model, lora)  # SEQ_CLS: the score head is in modules_to_save, trained in full
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def trainable_state(model: Any) -> dict[str, Any]:
+    """Name → tensor of every trainable parameter (what a checkpoint must hold to resume)."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+# -- tiny models for tests and the demo ----------------------------------------------------------------
+
+
+def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+                kv_heads: int = 2, intermediate: int = 128, pad_token_id: int = 0) -> Any:
+    """A small config of a real architecture (gemma2, gemma3_text, llama, qwen2) for CPU tests."""
+    from transformers import AutoConfig
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family {family!r} not in {TINY_FAMILIES}")
+    return AutoConfig.for_model(family, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                head_dim=hidden // heads, num_labels=NUM_LABELS, pad_token_id=pad_token_id,
+                                max_position_embeddings=4096)
+
+
+def save_tiny_checkpoint(family: str, tokenizer: Any, out_dir: str | Path, seed: int = 0, **sizes: Any) -> Path:
+    """A randomly initialised decoder of ``family`` sized for ``tokenizer``, saved with it as a checkpoint
+    folder (safetensors) — so tests take the same from_pretrained path as real models."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    pad, added = choose_pad_token(tokenizer)
+    if added:
+        tokenizer.add_special_tokens({"pad_token": pad})
+    config = tiny_config(family, len(tokenizer), pad_token_id=tokenizer.convert_tokens_to_ids(pad), **sizes)
+    model = AutoModelForCausalLM.from_config(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

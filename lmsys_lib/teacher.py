@@ -1,0 +1,188 @@
+"""Teacher stage: k-fold training and out-of-fold (OOF) logits, optionally after a post-pretrain stage.
+
+Contract:
+- ``train_folds`` trains one model per fold k on the rows whose fold != k, keeps the adapter with the best
+  log loss on fold k, and records that adapter's logits for every row of fold k. The teacher's
+  ``oof.parquet`` (id, fold, logit_a, logit_b, logit_tie, teacher) then holds exactly one row per training
+  id, from the one fold model that did not see it — ``check_oof`` enforces it on write and on read.
+- Several teachers live side by side under ``<run>/teachers/<name>/``; ``read_oof`` stacks them.
+- ``post_pretrain`` trains on extra preference data first and merges that adapter into the base (in fp32,
+  one cast at the end) as a plain checkpoint, which fold training then starts from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import parsing, train
+from .config import ModelConfig, PackConfig, TrainConfig
+
+OOF_COLUMNS = ("id", "fold", "logit_a", "logit_b", "logit_tie", "teacher")
+
+
+def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print) -> Path:
+    """Run a ``TeacherConfig`` in ``run_dir``; returns ``oof.parquet`` (or the teacher folder for a partial
+    run). The config is saved beside the output; another config for the same teacher name is refused."""
+    from accelerate import Accelerator
+
+    from .config import save_stage, to_dict
+
+    accelerator = Accelerator()
+    saved = teacher_dir(run_dir, cfg.name) / "teacher_config.json"
+    if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != to_dict(cfg):
+        raise ValueError(f"{saved} holds another config for teacher '{cfg.name}': use another name or run folder")
+    if accelerator.is_main_process:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), encoding="utf-8")
+    out = train_folds(run_dir, cfg.name, cfg.model, cfg.train, cfg.pack, folds=cfg.folds or None,
+                      fraction=cfg.fraction, log=log if accelerator.is_main_process else (lambda _: None),
+                      accelerator=accelerator)
+    if accelerator.is_main_process and out.name == "oof.parquet":
+        save_stage(run_dir, f"teacher-{cfg.name}", cfg)
+    return out
+
+
+def teacher_dir(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / "teachers" / name
+
+
+def load_split(run_dir: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The run's train rows and their fold indices (validated: every train id has exactly one fold)."""
+    run_dir = Path(run_dir)
+    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
+    folds = pd.read_parquet(run_dir / "data" / "folds.parquet")
+    if folds["id"].duplicated().any() or set(folds["id"]) != set(frame["id"]):
+        raise ValueError(f"{run_dir}/data/folds.parquet does not give exactly one fold per train id "
+                         "(made by the folds stage: re-run it)")
+    fold_of = dict(zip(folds["id"], folds["fold"]))
+    return frame, np.array([fold_of[i] for i in frame["id"]])
+
+
+def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                pack_cfg: PackConfig, folds: Sequence[int] | None = None, fraction: float = 1.0,
+                log: Callable[[str], None] = print, accelerator: Any = None) -> Path:
+    """Train the given folds (default: all) of teacher ``name``; write ``oof.parquet`` once all exist.
+
+    ``fraction`` < 1 trains and evaluates on that share of each fold (a dry run); the OOF file is only
+    written for a full run, since a partial one cannot cover every id.
+    """
+    from .modeling import load_tokenizer
+    from .prompting import Packer
+
+    frame, fold_of = load_split(run_dir)
+    if fraction < 1.0:
+        keep = np.random.default_rng(train_cfg.seed).random(len(frame)) < fraction
+        frame, fold_of = frame.loc[keep].reset_index(drop=True), fold_of[keep]
+    data = train.pack_for_training(Packer(load_tokenizer(model_cfg.model_dir), pack_cfg), frame)
+    k = int(fold_of.max()) + 1
+    for fold in (range(k) if folds is None else folds):
+        out = teacher_dir(run_dir, name) / f"fold{fold}"
+        if (out / "metrics.json").exists() and (out / "eval_logits.parquet").exists():
+            log(f"[{name}] fold {fold} already trained — skipped")
+            continue
+        log(f"[{name}] fold {fold}: {int((fold_of != fold).sum())} train rows, {int((fold_of == fold).sum())} held out")
+        train.fit(model_cfg, train_cfg, data.subset(fold_of != fold), data.subset(fold_of == fold), out,
+                  log=log, accelerator=accelerator)
+    if fraction >= 1.0 and all((teacher_dir(run_dir, name) / f"fold{f}" / "eval_logits.parquet").exists()
+                               for f in range(k)):
+        return write_oof(run_dir, name, frame["id"].to_numpy(), k)
+    return teacher_dir(run_dir, name)
+
+
+def write_oof(run_dir: str | Path, name: str, ids: np.ndarray, k: int) -> Path:
+    """Gather the folds' held-out logits into ``oof.parquet`` and check every id is there exactly once."""
+    parts = []
+    for fold in range(k):
+        part = pd.read_parquet(teacher_dir(run_dir, name) / f"fold{fold}" / "eval_logits.parquet")
+        parts.append(part.assign(fold=fold, teacher=name))
+    oof = pd.concat(parts, ignore_index=True)[list(OOF_COLUMNS)]
+    check_oof(oof, ids, source=f"teacher {name}")
+    path = teacher_dir(run_dir, name) / "oof.parquet"
+    oof.to_parquet(path)
+    return path
+
+
+def check_oof(oof: pd.DataFrame, ids: np.ndarray, source: str = "oof") -> None:
+    """Every id of ``ids`` exactly once, nothing else, finite logits; errors name the ids."""
+    missing = [c for c in OOF_COLUMNS if c not in oof.columns]
+    if missing:
+        raise ValueError(f"{source}: missing columns {missing}")
+    counts = oof["id"].value_counts()
+    dup = counts[counts > 1].index.tolist()
+    absent = sorted(set(np.asarray(ids).tolist()) - set(oof["id"].tolist()))
+    extra = sorted(set(oof["id"].tolist()) - set(np.asarray(ids).tolist()))
+    bad = oof.loc[~np.isfinite(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()).all(axis=1), "id"].tolist()
+    problems = [f"{label} ids {vals[:10]}{' …' if len(vals) > 10 else ''}"
+                for label, vals in (("duplicated", dup), ("missing", absent), ("unknown", extra),
+                                    ("non-finite logits for", bad)) if vals]
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def read_oof(run_dir: str | Path, names: Sequence[str], ids: np.ndarray) -> pd.DataFrame:
+    """The OOF logits of several teachers, each validated against ``ids``, stacked."""
+    frames = []
+    for name in names:
+        oof = pd.read_parquet(teacher_dir(run_dir, name) / "oof.parquet")
+        check_oof(oof, ids, source=f"teacher {name} ({teacher_dir(run_dir, name)}/oof.parquet)")
+        frames.append(oof)
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainResult:
+    model_dir: Path
+    metrics: dict[str, Any]
+
+
+def post_pretrain(run_dir: str | Path, name: str, extra: pd.DataFrame, model_cfg: ModelConfig,
+                  train_cfg: TrainConfig, pack_cfg: PackConfig, held_out_share: float = 0.05,
+                  log: Callable[[str], None] = print) -> PretrainResult:
+    """Train on extra preference data (e.g. UltraFeedback-derived) and merge into a new base checkpoint.
+
+    Returns the merged checkpoint folder (``teachers/<name>/pretrained/merged``): pass it as
+    ``model_dir`` to ``train_folds``.
+    """
+    from .modeling import load_tokenizer
+    from .prompting import Packer
+
+    out = teacher_dir(run_dir, name) / "pretrained"
+    tokenizer = load_tokenizer(model_cfg.model_dir)
+    data = train.pack_for_training(Packer(tokenizer, pack_cfg), extra)
+    held = np.random.default_rng(train_cfg.seed).random(len(extra)) < held_out_share
+    metrics = train.fit(model_cfg, train_cfg, data.subset(~held), data.subset(held), out, log=log)
+    merged = merge_adapter_into_base(model_cfg, out / "adapter", out / "merged", tokenizer)
+    return PretrainResult(merged, metrics)
+
+
+def merge_adapter_into_base(model_cfg: ModelConfig, adapter_dir: Path, out_dir: Path, tokenizer: Any) -> Path:
+    """base + adapter → a plain checkpoint: merged in fp32 (bf16 merging moved logits by 0.4 on a real
+    270M model), cast once to the base's dtype, saved as safetensors with the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .modeling import NUM_LABELS, attention_for
+
+    if model_cfg.lora_r == 0:  # full fine-tuning already saved a plain checkpoint
+        return adapter_dir
+    base_config = AutoConfig.from_pretrained(model_cfg.model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_cfg.model_dir, num_labels=NUM_LABELS, dtype=torch.float32,
+        attn_implementation=attention_for(base_config, model_cfg.attn_implementation))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.pad_token_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    target = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or torch.float32
+    merged.to(getattr(torch, str(target).replace("torch.", "")) if isinstance(target, str) else target)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,395 @@
+"""One fold of training: length-grouped batches, exact loss normalisation, cosine LR, A/B swap augmentation,
+held-out log loss every N steps keeping the best adapter, progress with ETA, checkpoint and resume.
+
+Contract:
+- The micro-batch stream is a pure function of (lengths, TrainConfig): step ``s`` always sees the same
+  rows, in the same A/B orientation, whichever process count or restart produced it.
+- A step's loss is Σ rows' loss / rows in the step (all processes), so accumulation equals one big batch.
+- Every ``checkpoint_every`` steps a checkpoint is written atomically (temporary folder, then rename):
+  trainable weights, AdamW state, RNG state and progress, as safetensors + JSON (nothing is pickled). A run
+  killed at any point and restarted with the same ``out_dir`` continues from its last checkpoint and ends
+  with the same adapter, bit for bit, as an uninterrupted run.
+- ``out_dir/adapter/`` holds the adapter with the best held-out log loss; ``out_dir/eval_logits.parquet``
+  its held-out logits (the fold's out-of-fold logits); ``out_dir/metrics.json`` the history.
+- Multi-process runs go through ``accelerate launch`` (DDP / FSDP); rank and world size come from the
+  ``Accelerator`` passed in or made here, never from globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import batching, losses
+from .config import ModelConfig, TrainConfig, to_dict
+from .metrics import log_loss, softmax
+
+LossFn = Callable[[Any, Any, np.ndarray, np.ndarray], Any]  # (logits, labels, rows, swapped) → sum
+
+
+@dataclasses.dataclass
+class TrainData:
+    """Packed rows of one split, in both A/B orientations."""
+
+    row_ids: np.ndarray
+    ids: list[np.ndarray]
+    ids_swapped: list[np.ndarray]
+    labels: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.ids])
+
+    def subset(self, mask: np.ndarray) -> TrainData:
+        idx = np.flatnonzero(mask)
+        return TrainData(self.row_ids[idx], [self.ids[i] for i in idx], [self.ids_swapped[i] for i in idx],
+                         self.labels[idx])
+
+
+def pack_for_training(packer: Any, frame: pd.DataFrame) -> TrainData:
+    """Pack ``frame`` as is and A/B-swapped (labels of the swapped rows are permuted at batch time)."""
+    plain = packer.pack_frame(frame)
+    swapped = packer.pack_frame(frame, swap=True)
+    return TrainData(plain["id"].to_numpy(), list(plain["input_ids"]), list(swapped["input_ids"]),
+                     plain["label"].to_numpy().astype(np.int64))
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier at optimiser step ``step`` (0-based), like nanoGPT's get_lr:
+    1) linear warm-up over ``warmup`` steps; 2) cosine decay to ``min_ratio`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup - 1)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Stream:
+    """The deterministic micro-batch stream of a run: which rows, in which orientation, at each step."""
+
+    def __init__(self, lengths: np.ndarray, cfg: TrainConfig, world_size: int):
+        self.lengths, self.cfg, self.world = lengths, cfg, world_size
+        self.per_epoch = len(batching.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0))
+        per_step = cfg.grad_accum * world_size
+        total_micro = math.ceil(cfg.epochs * self.per_epoch) if cfg.epochs > 0 else 10**12
+        total_micro -= total_micro % world_size  # every process gets the same number of micro-batches
+        steps = math.ceil(total_micro / per_step)
+        self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        self.total_micro = min(total_micro, self.total_steps * per_step)
+        self._epochs: dict[int, tuple[list[list[int]], np.ndarray]] = {}
+
+    def _epoch(self, epoch: int) -> tuple[list[list[int]], np.ndarray]:
+        if epoch not in self._epochs:
+            batches = batching.length_grouped_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+            swaps = np.random.default_rng([self.cfg.seed, epoch, 1]).random(len(self.lengths)) < self.cfg.swap_prob
+            self._epochs = {epoch: (batches, swaps)}
+        return self._epochs[epoch]
+
+    def step(self, step: int) -> list[tuple[list[int], np.ndarray]]:
+        """All micro-batches of ``step`` (every process's), as (rows, swapped flags)."""
+        per_step = self.cfg.grad_accum * self.world
+        out = []
+        for idx in range(step * per_step, min((step + 1) * per_step, self.total_micro)):
+            batches, swaps = self._epoch(idx // self.per_epoch)
+            rows = batches[idx % self.per_epoch]
+            out.append((rows, swaps[rows]))
+        return out
+
+
+def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, eval_data: TrainData,
+        out_dir: str | Path, *, accelerator: Any = None, loss_fn: LossFn | None = None,
+        progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one fold (resuming from ``out_dir``'s last checkpoint if there is one).
+
+    Returns the metrics (also written to ``out_dir/metrics.json``): best held-out log loss and step,
+    history, rows/s.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from .modeling import load_classifier
+
+    accelerator = accelerator or Accelerator()
+    out_dir = Path(out_dir)
+    _guard_configs(out_dir, model_cfg, train_cfg, accelerator)
+    torch.manual_seed(train_cfg.seed)  # the head's initialisation and LoRA's
+    model, tokenizer = load_classifier(model_cfg, accelerator.device)
+    optimizer = _optimizer(model, train_cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    stream = Stream(train_data.lengths, train_cfg, accelerator.num_processes)
+    state = _resume(out_dir, accelerator, model, optimizer) or {"step": 0, "best_loss": None, "best_step": None,
+                                                                   "history": []}
+    ctx = _Loop(accelerator, model, optimizer, tokenizer.pad_token_id, train_cfg, stream,
+                loss_fn or _ce_loss, out_dir, log)
+    return ctx.run(state, train_data, eval_data, progress)
+
+
+def _ce_loss(logits: Any, labels: Any, rows: np.ndarray, swapped: np.ndarray) -> Any:
+    return losses.cross_entropy_sum(logits, labels)
+
+
+def _optimizer(model: Any, cfg: TrainConfig) -> Any:
+    import torch
+
+    head, body = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if ".score." in f".{name}." or name.startswith("score.") else body).append(p)
+    groups = [{"params": body, "lr": cfg.lr, "base_lr": cfg.lr},
+              {"params": head, "lr": cfg.head_lr or cfg.lr, "base_lr": cfg.head_lr or cfg.lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+class _Loop:
+    """The training loop's state and steps (kept small: each method is one concern)."""
+
+    def __init__(self, accelerator, model, optimizer, pad_id, cfg, stream, loss_fn, out_dir, log):
+        self.acc, self.model, self.opt, self.pad_id = accelerator, model, optimizer, pad_id
+        self.cfg, self.stream, self.loss_fn, self.out_dir, self.log = cfg, stream, loss_fn, out_dir, log
+        self.warmup = int(cfg.warmup_ratio * stream.total_steps)
+
+    def run(self, state: dict[str, Any], train: TrainData, held_out: TrainData, progress: bool) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        total = self.stream.total_steps
+        bar = tqdm(total=total, initial=state["step"], desc="train", unit="step",
+                   disable=not (progress and self.acc.is_main_process))
+        start, seen = time.perf_counter(), 0
+        for step in range(state["step"], total):
+            loss, rows = self._step(step, train)
+            seen += rows
+            state["step"] = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            due = self.cfg.eval_every and state["step"] % self.cfg.eval_every == 0
+            if due or state["step"] == total:
+                self._evaluate(state, held_out, train_loss=loss)
+            if self.cfg.checkpoint_every and state["step"] % self.cfg.checkpoint_every == 0 and state["step"] < total:
+                self._checkpoint(state)
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return self._finish(state, seen / elapsed if elapsed > 0 else 0.0)
+
+    def _step(self, step: int, train: TrainData) -> tuple[float, int]:
+        """One optimiser step; returns (mean train loss of this process's rows, rows this process saw)."""
+        micro_all = self.stream.step(step)
+        rows_in_step = sum(len(rows) for rows, _ in micro_all)
+        mine = micro_all[self.acc.process_index:: self.acc.num_processes]
+        factor = lr_factor(step, self.stream.total_steps, self.warmup, self.cfg.min_lr_ratio)
+        for group in self.opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        total_loss, total_rows = 0.0, 0
+        for j, (rows, swapped) in enumerate(mine):
+            batch = self._batch(train, rows, swapped)
+            sync = nullcontext() if j == len(mine) - 1 else self.acc.no_sync(self.model)
+            with sync:
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                row_sum = self.loss_fn(logits, batch["labels"], np.asarray(rows), swapped)
+                self.acc.backward(losses.step_loss(row_sum, rows_in_step, self.acc.num_processes))
+            total_loss += float(row_sum.detach())
+            total_rows += len(rows)
+        if self.cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total_loss / max(1, total_rows), total_rows
+
+    def _batch(self, data: TrainData, rows: list[int], swapped: np.ndarray) -> dict[str, Any]:
+        from .parsing import swap_labels
+
+        ids = [data.ids_swapped[r] if s else data.ids[r] for r, s in zip(rows, swapped)]
+        labels = np.where(swapped, swap_labels(data.labels[rows]), data.labels[rows])
+        batch = batching.collate(ids, self.pad_id, labels)
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    def _evaluate(self, state: dict[str, Any], held_out: TrainData, train_loss: float) -> None:
+        logits = predict_logits(self.acc, self.model, held_out.ids, self.pad_id, self.cfg.eval_batch_size)
+        loss = log_loss(held_out.labels, softmax(logits))
+        state["history"].append({"step": state["step"], "train_loss": train_loss, "eval_log_loss": loss})
+        self.log(f"step {state['step']}/{self.stream.total_steps}: train loss {train_loss:.4f}, "
+                 f"held-out log loss {loss:.4f}")
+        if state["best_loss"] is None or loss < state["best_loss"]:
+            state["best_loss"], state["best_step"] = loss, state["step"]
+            if self.acc.is_main_process:
+                save_adapter(self.acc.unwrap_model(self.model), self.out_dir / "adapter")
+                pd.DataFrame({"id": held_out.row_ids, "logit_a": logits[:, 0], "logit_b": logits[:, 1],
+                              "logit_tie": logits[:, 2]}).to_parquet(self.out_dir / "eval_logits.parquet")
+        self.acc.wait_for_everyone()
+
+    def _checkpoint(self, state: dict[str, Any]) -> None:
+        write_checkpoint(self.out_dir, state, self.acc, self.model, self.opt)
+
+    def _finish(self, state: dict[str, Any], rows_per_s: float) -> dict[str, Any]:
+        checksums = rank_checksums(self.acc, self.model)
+        if max(checksums) != min(checksums):
+            raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
+        metrics = {"best_eval_log_loss": state["best_loss"], "best_step": state["best_step"],
+                   "steps": state["step"], "history": state["history"], "rows_per_s_last_session": rows_per_s,
+                   "processes": self.acc.num_processes, "rank_checksums": checksums}
+        if self.acc.is_main_process:
+            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        self.acc.wait_for_everyone()
+        return metrics
+
+
+def rank_checksums(accelerator: Any, model: Any) -> list[float]:
+    """Σ of every trainable weight (fp64) on each process: DDP must leave them identical."""
+    import torch
+
+    with torch.no_grad():
+        local = float(sum(p.detach().double().sum() for p in _trainable(accelerator.unwrap_model(model)).values()))
+    if accelerator.num_processes == 1:
+        return [local]
+    from accelerate.utils import gather_object
+
+    return [float(x) for x in gather_object([local])]
+
+
+def predict_logits(accelerator: Any, model: Any, ids: list[np.ndarray], pad_id: int,
+                   batch_size: int) -> np.ndarray:
+    """(n, 3) fp32 logits in input order; batches length-sorted and shared between processes."""
+    import torch
+
+    batches = batching.sorted_batches([len(x) for x in ids], batch_size)
+    mine = batches[accelerator.process_index:: accelerator.num_processes]
+    results = []
+    model.eval()
+    with torch.no_grad():
+        for rows in mine:
+            batch = batching.collate([ids[r] for r in rows], pad_id)
+            out = model(input_ids=batch["input_ids"].to(accelerator.device),
+                        attention_mask=batch["attention_mask"].to(accelerator.device))
+            results.append((rows, out.logits.float().cpu().numpy()))
+    model.train()
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    logits = np.zeros((len(ids), 3), dtype=np.float32)
+    for rows, block in results:
+        logits[rows] = block
+    return logits
+
+
+def save_adapter(model: Any, path: Path) -> None:
+    """The trainable part as a loadable folder: a PEFT adapter, or a full checkpoint (lora_r = 0)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+
+def _guard_configs(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, accelerator: Any) -> None:
+    """Save the configs beside the fold's output; refuse to resume a folder trained with other configs."""
+    wanted = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "processes": accelerator.num_processes}
+    path = out_dir / "fit_config.json"
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != wanted:
+            raise ValueError(f"{out_dir} holds a run with other configs ({path}); use another folder")
+        return
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=2, sort_keys=True), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+
+def write_checkpoint(out_dir: Path, state: dict[str, Any], accelerator: Any, model: Any, optimizer: Any,
+                     keep: int = 2) -> Path:
+    """Atomically write checkpoints/step-NNNNNN (weights, AdamW state, RNG, progress); keep the last ``keep``."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = out_dir / "checkpoints"
+    final = root / f"step-{state['step']:06d}"
+    tmp = root / f".tmp-step-{state['step']:06d}"
+    rank = accelerator.process_index
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file({"rng": torch.get_rng_state()}, tmp / f"rng-rank{rank}.safetensors")
+    if accelerator.is_main_process:
+        weights = {k: v.contiguous().cpu() for k, v in _trainable(accelerator.unwrap_model(model)).items()}
+        save_file(weights, tmp / "trainable.safetensors")
+        tensors, meta = _optimizer_to_tensors(optimizer.state_dict())
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
+        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder (temporary folders of a killed write are ignored)."""
+    found = sorted((out_dir / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any] | None:
+    import torch
+    from safetensors.torch import load_file
+
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(_trainable(accelerator.unwrap_model(model)))
+    missing = sorted(set(params) ^ set(weights))
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the model: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device))
+    meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+    optimizer.load_state_dict(_optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta))
+    rng_file = path / f"rng-rank{accelerator.process_index}.safetensors"
+    torch.set_rng_state(load_file(rng_file)["rng"])
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if accelerator.is_main_process:
+        print(f"resumed from {path} (step {state['step']})")
+    return state
+
+
+def _trainable(model: Any) -> dict[str, Any]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_to_tensors(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """AdamW state_dict → (flat tensors, JSON-able rest), so it can be saved without pickle."""
+    tensors, scalars = {}, {}
+    for idx, slots in sd["state"].items():
+        for key, value in slots.items():
+            if hasattr(value, "shape"):
+                tensors[f"{idx}.{key}"] = value.contiguous().cpu()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = flat.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

@@ -1,0 +1,108 @@
+"""Classifiers from real architectures (tiny configs): LoRA trains only what it should, pads are handled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmsys_lib import batching, losses, modeling
+from lmsys_lib.config import ModelConfig
+
+
+@pytest.fixture(scope="module", params=["gemma2", "llama", "qwen2", "gemma3_text"])
+def tiny_dir(request, tmp_path_factory, tokenizer):
+    import copy
+
+    out = tmp_path_factory.mktemp(request.param)
+    return modeling.save_tiny_checkpoint(request.param, copy.deepcopy(tokenizer), out)
+
+
+def test_lora_step_changes_adapter_and_head_only(tiny_dir):
+    torch.manual_seed(0)
+    model, tok = modeling.load_classifier(ModelConfig(model_dir=str(tiny_dir), lora_r=8, lora_alpha=16,
+                                                      lora_dropout=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    assert any("score" in n for n in trainable)
+    assert all("lora_" in n or "score" in n for n in trainable)
+    batch = batching.collate([tok("hello world")["input_ids"], tok("a much longer second row")["input_ids"]],
+                             tok.pad_token_id, [0, 2])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # LoRA B starts at zero: the second step moves A too
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses.step_loss(losses.cross_entropy_sum(logits, batch["labels"]), 2).backward()
+        opt.step()
+        opt.zero_grad()
+    after = dict(model.named_parameters())
+    for name, old in before.items():
+        same = torch.equal(old, after[name].detach())
+        assert same == (name not in trainable), name  # base bit-identical; every trainable tensor moved
+
+
+def test_pad_token_is_distinct_and_padding_does_not_change_logits(tiny_dir):
+    torch.manual_seed(0)
+    model, tok = modeling.load_classifier(ModelConfig(model_dir=str(tiny_dir), lora_r=0))
+    model.eval()
+    assert tok.pad_token_id not in (tok.eos_token_id, tok.bos_token_id)
+    assert model.config.pad_token_id == tok.pad_token_id and tok.padding_side == "right"
+    rows = [tok("short")["input_ids"], tok("a considerably longer row of text here")["input_ids"]]
+    with torch.no_grad():
+        batch = batching.collate(rows, tok.pad_token_id)
+        together = model(**batch).logits
+        alone = torch.cat([model(**batching.collate([r], tok.pad_token_id)).logits for r in rows])
+    assert together.shape == (2, 3)
+    assert torch.allclose(together, alone, atol=1e-5)  # the score pools each row's last real token
+
+
+def test_dtype_and_attention_policy():
+    assert modeling.dtype_for("cpu") == torch.float32
+    assert modeling.dtype_for("cpu", "bf16") == torch.bfloat16
+    gemma2 = modeling.tiny_config("gemma2", 100)
+    llama = modeling.tiny_config("llama", 100)
+    assert gemma2.attn_logit_softcapping and modeling.attention_for(gemma2) == "eager"
+    assert modeling.attention_for(llama) == "sdpa" and modeling.attention_for(gemma2, "sdpa") == "sdpa"
+
+
+def test_pad_token_choice_never_eos(smollm2_tokenizer):
+    assert smollm2_tokenizer.pad_token_id == smollm2_tokenizer.eos_token_id  # as shipped
+    pad, added = modeling.choose_pad_token(smollm2_tokenizer)
+    assert not added and pad == "<|endoftext|>"
+    assert smollm2_tokenizer.convert_tokens_to_ids(pad) != smollm2_tokenizer.eos_token_id
+
+
+def test_full_finetune_and_gradient_checkpointing(tiny_dir):
+    model, tok = modeling.load_classifier(ModelConfig(model_dir=str(tiny_dir), lora_r=0,
+                                                      gradient_checkpointing=True))
+    trainable, total = modeling.count_parameters(model)
+    assert trainable == total
+    batch = batching.collate([tok("x y z")["input_ids"]], tok.pad_token_id, [1])
+    loss = losses.cross_entropy_sum(model(input_ids=batch["input_ids"],
+                                          attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        modeling.load_classifier(ModelConfig(model_dir=str(tmp_path)))
+
+
+def test_losses_are_sums_normalised_by_rows():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1, 2])
+    total = losses.cross_entropy_sum(logits, labels)
+    by_hand = -sum(torch.log_softmax(logits, -1)[i, labels[i]] for i in range(3))
+    assert torch.allclose(total, by_hand)
+    # two micro-batches of a 3-row step give the same gradient as one batch of 3 rows
+    w = torch.zeros(3, requires_grad=True)
+    for part in (slice(0, 2), slice(2, 3)):
+        losses.step_loss(losses.cross_entropy_sum(logits[part] + w, labels[part]), 3).backward()
+    grad_acc = w.grad.clone()
+    w.grad = None
+    (torch.nn.functional.cross_entropy(logits + w, labels)).backward()
+    assert torch.allclose(grad_acc, w.grad)
+    assert np.isclose(float(losses.step_loss(torch.tensor(6.0), 3, world_size=2)), 4.0)
+    with pytest.raises(ValueError, match="rows_in_step"):
+        losses.step_loss(total, 0)
