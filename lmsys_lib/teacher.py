@@ -186,3 +186,63 @@ def merge_adapter_into_base(model_cfg: ModelConfig, adapter_dir: Path, out_dir: 
     merged.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def prepare_run(run_dir: str | Path, data_dir: str | Path, k: int = 5, seed: int = 42) -> Path:
+    """Make a run folder from competition data: ``data/train.csv`` (a copy) and grouped ``folds.parquet``.
+
+    Re-running with the same data and (k, seed) is a no-op; other folds in the same folder are refused.
+    """
+    import shutil
+
+    from .config import FoldConfig, claim_stage, save_stage
+
+    run_dir, cfg = Path(run_dir), FoldConfig(k=k, seed=seed)
+    if not claim_stage(run_dir, "folds", cfg):
+        return run_dir
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    source = Path(data_dir) / "train.csv"
+    if source.resolve() != (run_dir / "data" / "train.csv").resolve():
+        shutil.copyfile(source, run_dir / "data" / "train.csv")
+    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
+    folds = parsing.grouped_folds(frame, k, seed)
+    pd.DataFrame({"id": frame["id"], "fold": folds}).to_parquet(run_dir / "data" / "folds.parquet")
+    save_stage(run_dir, "folds", cfg)
+    return run_dir
+
+
+def fold_report(run_dir: str | Path, name: str) -> pd.DataFrame:
+    """Per trained fold: best held-out log loss, its step, steps run; plus the OOF log loss when complete."""
+    from .metrics import log_loss, softmax
+
+    rows = []
+    for path in sorted(teacher_dir(run_dir, name).glob("fold*/metrics.json")):
+        m = json.loads(path.read_text(encoding="utf-8"))
+        rows.append({"fold": path.parent.name, "best_log_loss": m["best_eval_log_loss"],
+                     "best_step": m["best_step"], "steps": m["steps"]})
+    oof_path = teacher_dir(run_dir, name) / "oof.parquet"
+    if oof_path.exists():
+        frame, _ = load_split(run_dir)
+        oof = pd.read_parquet(oof_path).set_index("id").loc[frame["id"]]
+        loss = log_loss(frame["label"].to_numpy(), softmax(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()))
+        rows.append({"fold": "all (OOF)", "best_log_loss": loss, "best_step": None, "steps": None})
+    return pd.DataFrame(rows)
+
+
+def plot_history(run_dir: str | Path, name: str) -> Any:
+    """Held-out log loss and train loss against the step, one line per fold."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
+    for path in sorted(teacher_dir(run_dir, name).glob("fold*/metrics.json")):
+        history = json.loads(path.read_text(encoding="utf-8"))["history"]
+        steps = [h["step"] for h in history]
+        ax.plot(steps, [h["eval_log_loss"] for h in history], marker="o", label=f"{path.parent.name} held-out")
+    ax.axhline(1.0986, color="grey", linestyle="--", label="uniform guess")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("log loss")
+    ax.set_title(f"Teacher {name}")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill as pm
 import pytest
 
@@ -52,3 +53,22 @@ def test_eda_notebook_without_data_says_what_to_pass(tmp_path):
         pm.execute_notebook(str(NOTEBOOKS / "00_eda.ipynb"), str(tmp_path / "out.ipynb"),
                             parameters={"out_dir": str(tmp_path)}, kernel_name="python3", progress_bar=False,
                             cwd=str(tmp_path))
+
+
+def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
+    import copy
+
+    from lmsys_lib import modeling
+
+    model_dir = modeling.save_tiny_checkpoint("qwen2", copy.deepcopy(tokenizer), tmp_path / "tiny-qwen2")
+    run_dir = tmp_path / "run"
+    pm.execute_notebook(str(NOTEBOOKS / "01_teacher_training.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters={"run_dir": str(run_dir), "data_dir": str(synth_dir), "model_dir": str(model_dir),
+                                    "k_folds": 3, "max_length": 128, "lora_r": 4, "lora_alpha": 8, "max_steps": 3,
+                                    "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "eval_every": 0,
+                                    "checkpoint_every": 0},
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    oof = pd.read_parquet(run_dir / "teachers" / "teacher" / "oof.parquet")
+    assert len(oof) == 800 and oof["id"].is_unique
+    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))

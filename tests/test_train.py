@@ -173,3 +173,33 @@ def test_check_oof_names_bad_ids():
                         "logit_tie": 0.0, "teacher": "t"})
     with pytest.raises(ValueError, match=r"duplicated ids \[1\].*missing ids \[2, 3\].*unknown ids \[4\]"):
         teacher.check_oof(oof, ids)
+
+
+def test_post_pretrain_merges_into_a_plain_checkpoint(small_run):
+    """Post-pretrain with LoRA on extra data, merged in fp32: the merged checkpoint loads with plain
+    from_pretrained and predicts what base + adapter predicts."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lmsys_lib import batching as B
+    from lmsys_lib.config import ModelConfig, PackConfig
+
+    extra = teacher.load_split(small_run)[0].iloc[:120]
+    model_cfg = ModelConfig(model_dir=str(small_run / "models" / "tiny-llama"), lora_r=4, lora_alpha=8,
+                            lora_dropout=0.0)
+    result = teacher.post_pretrain(small_run, "pre", extra, model_cfg,
+                                   TrainConfig(max_steps=3, batch_size=8, grad_accum=1, lr=1e-2, eval_every=0,
+                                               checkpoint_every=0), PackConfig(max_length=128),
+                                   held_out_share=0.2)
+    tok = modeling.load_tokenizer(result.model_dir)
+    merged = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(model_cfg.model_dir, num_labels=3)
+    base.config.pad_token_id = tok.pad_token_id
+    adapted = PeftModel.from_pretrained(base, small_run / "teachers" / "pre" / "pretrained" / "adapter").eval()
+    batch = B.collate([tok("a short row")["input_ids"], tok("a somewhat longer second row here")["input_ids"]],
+                      tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-5)
+    assert merged.config.num_labels == 3 and merged.config.pad_token_id == tok.pad_token_id
+    assert not any("lora" in name for name, _ in merged.named_parameters())
