@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from . import config as C
 from . import eda, parsing, prompting, synthetic, zoo
 
@@ -65,10 +63,7 @@ def stage_data(run_dir: Path, cfg: C.SynthConfig) -> str:
 
 
 def stage_folds(run_dir: Path, cfg: C.FoldConfig) -> str:
-    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
-    folds = parsing.grouped_folds(frame, cfg.k, cfg.seed)
-    pd.DataFrame({"id": frame["id"], "fold": folds}).to_parquet(run_dir / "data" / "folds.parquet")
-    sizes = pd.Series(folds).value_counts().sort_index().tolist()
+    sizes = parsing.write_folds(run_dir / "data" / "train.csv", run_dir / "data" / "folds.parquet", cfg.k, cfg.seed)
     return f"{cfg.k} grouped folds, sizes {sizes}"
 
 

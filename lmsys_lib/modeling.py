@@ -98,13 +98,14 @@ def load_classifier(cfg: ModelConfig, device: Any = "cpu", tokenizer: Any = None
         kwargs["device_map"] = {"": torch.device(device).index or 0} if torch.device(device).type == "cuda" \
             else {"": "cpu"}
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, **kwargs)
-    _set_pad(model, tokenizer)
+    set_pad(model, tokenizer)
     if cfg.quantization != "nf4":
         model.to(device)
     return attach_adapters(model, cfg), tokenizer
 
 
-def _set_pad(model: Any, tokenizer: Any) -> None:
+def set_pad(model: Any, tokenizer: Any) -> None:
+    """Give ``model`` the tokenizer's pad id (growing the embeddings when the pad token was added)."""
     if tokenizer.pad_token_id >= model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -598,6 +598,14 @@ def grouped_folds(frame: pd.DataFrame, k: int = 5, seed: int = 42) -> np.ndarray
     return group_fold[codes]
 
 
+def write_folds(train_csv: str | Path, out_path: str | Path, k: int = 5, seed: int = 42) -> list[int]:
+    """Grouped folds of ``train_csv`` written as parquet (id, fold); returns the fold sizes."""
+    frame = read_competition(train_csv).frame
+    folds = grouped_folds(frame, k, seed)
+    pd.DataFrame({"id": frame["id"], "fold": folds}).to_parquet(out_path)
+    return np.bincount(folds, minlength=k).tolist()
+
+
 def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """Drop repeated conversations (the same prompt and responses, exactly, in either A/B order); keep the first.
 

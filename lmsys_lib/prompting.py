@@ -203,14 +203,25 @@ class Packer:
         Returns a frame with ``id``, ``input_ids`` (int32 arrays), ``n_tokens``, ``rounds_kept``,
         ``n_rounds``, ``truncated`` and ``label`` (swapped with ``swap``), one row per input row.
         """
+        return self.pack_frame_orientations(frame, (swap,), progress, chunk)[0]
+
+    def pack_frame_orientations(self, frame: pd.DataFrame, swaps: Sequence[bool] = (False, True),
+                                progress: bool = False, chunk: int = 2000) -> list[pd.DataFrame]:
+        """``pack_frame`` for several A/B orientations at once: each text is tokenized a single time."""
         from tqdm.auto import tqdm
 
-        packed: list[Packed] = []
+        packed: list[list[Packed]] = [[] for _ in swaps]
         with tqdm(total=len(frame), desc="pack", unit="row", disable=not progress) as bar:
             for start in range(0, len(frame), chunk):
                 part = frame.iloc[start: start + chunk]
-                packed += self._pack_chunk(part, swap)
+                rounds = self._tokenize_chunk(part)
+                for out, swap in zip(packed, swaps):
+                    out += [self.pack_ids(r, swap=swap) for r in rounds]
                 bar.update(len(part))
+        return [self._packed_frame(frame, rows, swap) for rows, swap in zip(packed, swaps)]
+
+    @staticmethod
+    def _packed_frame(frame: pd.DataFrame, packed: list[Packed], swap: bool) -> pd.DataFrame:
         labels = frame["label"].to_numpy() if "label" in frame.columns else np.full(len(frame), -1)
         return pd.DataFrame({
             "id": frame["id"].to_numpy(),
@@ -222,7 +233,8 @@ class Packer:
             "label": swap_labels(labels) if swap else labels,
         })
 
-    def _pack_chunk(self, part: pd.DataFrame, swap: bool) -> list[Packed]:
+    def _tokenize_chunk(self, part: pd.DataFrame) -> list[list[tuple[Ids, Ids, Ids]]]:
+        """Each row's rounds as (prompt ids, A ids, B ids), every turn of the chunk tokenized in one call."""
         texts, bounds = [], []
         for row_id, p, a, b in zip(part["id"], part["prompt"], part["response_a"], part["response_b"]):
             if not (len(p) == len(a) == len(b)) or not p:
@@ -231,11 +243,8 @@ class Packer:
             bounds.append((len(texts), len(p)))
             texts += [*p, *a, *b]
         ids = self.encode_many(texts)
-        out = []
-        for start, n in bounds:
-            rounds = [(ids[start + i], ids[start + n + i], ids[start + 2 * n + i]) for i in range(n)]
-            out.append(self.pack_ids(rounds, swap=swap))
-        return out
+        return [[(ids[start + i], ids[start + n + i], ids[start + 2 * n + i]) for i in range(n)]
+                for start, n in bounds]
 
 
 _PROBES = ("Hello, world!", "  leading and trailing  ", "为什么天空是蓝色的？", "Привет 😀🚀", "tab\tnew\nline",

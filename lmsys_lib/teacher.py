@@ -169,7 +169,7 @@ def merge_adapter_into_base(model_cfg: ModelConfig, adapter_dir: Path, out_dir: 
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .modeling import NUM_LABELS, attention_for
+    from .modeling import NUM_LABELS, attention_for, set_pad
 
     if model_cfg.lora_r == 0:  # full fine-tuning already saved a plain checkpoint
         return adapter_dir
@@ -177,9 +177,7 @@ def merge_adapter_into_base(model_cfg: ModelConfig, adapter_dir: Path, out_dir: 
     model = AutoModelForSequenceClassification.from_pretrained(
         model_cfg.model_dir, num_labels=NUM_LABELS, dtype=torch.float32,
         attn_implementation=attention_for(base_config, model_cfg.attn_implementation))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if tokenizer.pad_token_id >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    set_pad(model, tokenizer)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     target = getattr(base_config, "dtype", None) or getattr(base_config, "torch_dtype", None) or torch.float32
     merged.to(getattr(torch, str(target).replace("torch.", "")) if isinstance(target, str) else target)
@@ -204,9 +202,7 @@ def prepare_run(run_dir: str | Path, data_dir: str | Path, k: int = 5, seed: int
     source = Path(data_dir) / "train.csv"
     if source.resolve() != (run_dir / "data" / "train.csv").resolve():
         shutil.copyfile(source, run_dir / "data" / "train.csv")
-    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
-    folds = parsing.grouped_folds(frame, k, seed)
-    pd.DataFrame({"id": frame["id"], "fold": folds}).to_parquet(run_dir / "data" / "folds.parquet")
+    parsing.write_folds(run_dir / "data" / "train.csv", run_dir / "data" / "folds.parquet", k, seed)
     save_stage(run_dir, "folds", cfg)
     return run_dir
 

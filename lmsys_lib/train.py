@@ -59,8 +59,7 @@ class TrainData:
 
 def pack_for_training(packer: Any, frame: pd.DataFrame) -> TrainData:
     """Pack ``frame`` as is and A/B-swapped (labels of the swapped rows are permuted at batch time)."""
-    plain = packer.pack_frame(frame)
-    swapped = packer.pack_frame(frame, swap=True)
+    plain, swapped = packer.pack_frame_orientations(frame, (False, True))
     return TrainData(plain["id"].to_numpy(), list(plain["input_ids"]), list(swapped["input_ids"]),
                      plain["label"].to_numpy().astype(np.int64))
 

@@ -209,6 +209,10 @@ def test_pack_frame_matches_pack_and_swaps_labels(tokenizer, synth_frame):
             row["prompt"], row["response_a"], row["response_b"]).input_ids
     swapped = packer.pack_frame(frame, swap=True)
     assert (swapped["label"].to_numpy() == np.array([1, 0, 2])[frame["label"].to_numpy()]).all()
+    both = packer.pack_frame_orientations(frame, (False, True), chunk=50)  # one tokenization, two packings
+    for got, want in zip(both, (packed, swapped)):
+        assert got.drop(columns="input_ids").equals(want.drop(columns="input_ids"))
+        assert all(np.array_equal(a, b) for a, b in zip(got["input_ids"], want["input_ids"]))
 
 
 def test_pack_frame_refuses_unaligned_rows(tokenizer):
