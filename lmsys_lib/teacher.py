@@ -35,18 +35,23 @@ def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print) -> Pa
     from .config import save_stage, to_dict
 
     accelerator = Accelerator()
-    saved = teacher_dir(run_dir, cfg.name) / "teacher_config.json"
-    if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != to_dict(cfg):
-        raise ValueError(f"{saved} holds another config for teacher '{cfg.name}': use another name or run folder")
-    if accelerator.is_main_process:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), encoding="utf-8")
-    out = train_folds(run_dir, cfg.name, cfg.model, cfg.train, cfg.pack, folds=cfg.folds or None,
-                      fraction=cfg.fraction, log=log if accelerator.is_main_process else (lambda _: None),
-                      accelerator=accelerator)
-    if accelerator.is_main_process and out.name == "oof.parquet":
-        save_stage(run_dir, f"teacher-{cfg.name}", cfg)
-    return out
+    try:
+        saved = teacher_dir(run_dir, cfg.name) / "teacher_config.json"
+        if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != to_dict(cfg):
+            raise ValueError(f"{saved} holds another config for teacher '{cfg.name}': use another name or run folder")
+        if accelerator.is_main_process:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), encoding="utf-8")
+        out = train_folds(run_dir, cfg.name, cfg.model, cfg.train, cfg.pack, folds=cfg.folds or None,
+                          fraction=cfg.fraction, log=log if accelerator.is_main_process else (lambda _: None),
+                          accelerator=accelerator)
+        if accelerator.is_main_process and out.name == "oof.parquet":
+            save_stage(run_dir, f"teacher-{cfg.name}", cfg)
+        return out
+    finally:
+        # Tear the process group down before interpreter exit: a gloo group left to the garbage
+        # collector can abort a rank ("terminate called without an active exception").
+        accelerator.end_training()
 
 
 def teacher_dir(run_dir: str | Path, name: str) -> Path:
