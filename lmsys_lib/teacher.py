@@ -22,30 +22,44 @@ import numpy as np
 import pandas as pd
 
 from . import parsing, train
-from .config import ModelConfig, PackConfig, TrainConfig
+from .config import ModelConfig, PackConfig, PretrainConfig, TrainConfig
 
 OOF_COLUMNS = ("id", "fold", "logit_a", "logit_b", "logit_tie", "teacher")
 
 
 def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print) -> Path:
     """Run a ``TeacherConfig`` in ``run_dir``; returns ``oof.parquet`` (or the teacher folder for a partial
-    run). The config is saved beside the output; another config for the same teacher name is refused."""
+    run). The config is saved beside the output; another config for the same teacher name is refused.
+
+    With ``cfg.pretrain.data`` the teacher is first post-pretrained on that extra data and its folds start
+    from the merged checkpoint (``teachers/<name>/pretrained/merged``); a finished post-pretraining is reused.
+    """
     from accelerate import Accelerator
 
     from .config import save_stage, to_dict
+    from .zoo import resolve_model_dir
 
     accelerator = Accelerator()
+    main = accelerator.is_main_process
+    quiet: Callable[[str], None] = log if main else (lambda _: None)
     try:
         saved = teacher_dir(run_dir, cfg.name) / "teacher_config.json"
-        if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != to_dict(cfg):
+        identity = {k: v for k, v in to_dict(cfg).items() if k != "folds"}  # which folds run now may vary
+        if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != identity:
             raise ValueError(f"{saved} holds another config for teacher '{cfg.name}': use another name or run folder")
-        if accelerator.is_main_process:
+        if main:
             saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True), encoding="utf-8")
-        out = train_folds(run_dir, cfg.name, cfg.model, cfg.train, cfg.pack, folds=cfg.folds or None,
-                          fraction=cfg.fraction, log=log if accelerator.is_main_process else (lambda _: None),
-                          accelerator=accelerator)
-        if accelerator.is_main_process and out.name == "oof.parquet":
+            saved.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
+            resolve_model_dir(cfg.model.model_dir)  # a zoo model is converted once, by one process
+        accelerator.wait_for_everyone()
+        model_cfg = dataclasses.replace(cfg.model, model_dir=resolve_model_dir(cfg.model.model_dir))
+        if cfg.pretrain.data:
+            pre = post_pretrain(run_dir, cfg.name, cfg.pretrain, model_cfg, cfg.pack, log=quiet,
+                                accelerator=accelerator)
+            model_cfg = dataclasses.replace(model_cfg, model_dir=str(pre.model_dir))
+        out = train_folds(run_dir, cfg.name, model_cfg, cfg.train, cfg.pack, folds=cfg.folds or None,
+                          fraction=cfg.fraction, log=quiet, accelerator=accelerator)
+        if main and out.name == "oof.parquet":
             save_stage(run_dir, f"teacher-{cfg.name}", cfg)
         return out
     finally:
@@ -147,23 +161,42 @@ class PretrainResult:
     metrics: dict[str, Any]
 
 
-def post_pretrain(run_dir: str | Path, name: str, extra: pd.DataFrame, model_cfg: ModelConfig,
-                  train_cfg: TrainConfig, pack_cfg: PackConfig, held_out_share: float = 0.05,
-                  log: Callable[[str], None] = print) -> PretrainResult:
+def post_pretrain(run_dir: str | Path, name: str, cfg: PretrainConfig, model_cfg: ModelConfig,
+                  pack_cfg: PackConfig, log: Callable[[str], None] = print, accelerator: Any = None) -> PretrainResult:
     """Train on extra preference data (e.g. UltraFeedback-derived) and merge into a new base checkpoint.
 
-    Returns the merged checkpoint folder (``teachers/<name>/pretrained/merged``): pass it as
-    ``model_dir`` to ``train_folds``.
+    The extra files are read with ``parsing.read_extra``; conversations that are also in the run's train
+    rows are dropped (they would leak labels into the folds that hold them out). The adapter is trained
+    like a fold (resumable), then merged in fp32 into ``teachers/<name>/pretrained/merged`` — pass that
+    folder as ``model_dir`` to ``train_folds``. A finished merge is reused.
     """
     from .modeling import load_tokenizer
     from .prompting import Packer
 
     out = teacher_dir(run_dir, name) / "pretrained"
+    merged = out / "merged"
+    if (merged / "config.json").exists() and (out / "metrics.json").exists():
+        log(f"[{name}] post-pretraining already done — starting the folds from {merged}")
+        return PretrainResult(merged, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
+    extra = pd.concat([parsing.read_extra(path, seed=cfg.seed).frame for path in cfg.data], ignore_index=True)
+    train_rows = parsing.read_competition(Path(run_dir) / "data" / "train.csv").frame
+    extra, overlap = parsing.drop_overlap(extra, train_rows)
+    extra, dedup = parsing.deduplicate(extra)
+    if len(extra) < 2:
+        raise ValueError(f"post-pretraining data {list(cfg.data)}: {len(extra)} rows left after dropping "
+                         f"{overlap} that repeat train rows and {dedup['dropped']} duplicates")
+    log(f"[{name}] post-pretraining on {len(extra)} extra rows ({overlap} repeating train rows and "
+        f"{dedup['dropped']} duplicates dropped)")
     tokenizer = load_tokenizer(model_cfg.model_dir)
     data = train.pack_for_training(Packer(tokenizer, pack_cfg), extra)
-    held = np.random.default_rng(train_cfg.seed).random(len(extra)) < held_out_share
-    metrics = train.fit(model_cfg, train_cfg, data.subset(~held), data.subset(held), out, log=log)
-    merged = merge_adapter_into_base(model_cfg, out / "adapter", out / "merged", tokenizer)
+    held = np.random.default_rng(cfg.train.seed).random(len(extra)) < cfg.held_out_share
+    held[0], held[-1] = True, False  # at least one row on each side
+    metrics = train.fit(model_cfg, cfg.train, data.subset(~held), data.subset(held), out, log=log,
+                        accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        merge_adapter_into_base(model_cfg, out / "adapter", merged, tokenizer)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return PretrainResult(merged, metrics)
 
 

