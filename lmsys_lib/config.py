@@ -243,11 +243,46 @@ class TeacherConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """The student: k-fold training on the teachers' OOF logits (``lmsys_lib.distill``).
+
+    ``teachers`` names teachers of the run (``teachers/<name>/oof.parquet``); empty trains the same student
+    on hard labels only (the no-distillation baseline). ``loss``: ``"kl"`` = ce_weight·CE + (1 − ce_weight)·
+    Σ_t w_t·T²·KL(teacher_t ‖ student) / Σ_t w_t; ``"winner"`` = the first-place mix
+    (CE + Σ_t [KL_t + cosine_t]) / (1 + 2·teachers). A teacher must cover every train id exactly once, unless
+    ``allow_missing_teacher_rows`` — then its absent rows are masked out of its term.
+    """
+
+    name: str = "student"
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    pack: PackConfig = PackConfig(max_length=1024)
+    teachers: tuple[str, ...] = ()
+    teacher_weights: tuple[float, ...] = ()  # empty: equal weights
+    loss: str = "kl"
+    temperature: float = 1.0
+    ce_weight: float = 0.5
+    allow_missing_teacher_rows: bool = False
+    folds: tuple[int, ...] = ()
+    fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name must be a plain folder name")
+        _check(self.loss in ("kl", "winner"), "loss must be 'kl' or 'winner'")
+        _check(self.temperature > 0 and 0.0 <= self.ce_weight <= 1.0, "temperature > 0, ce_weight in [0, 1]")
+        _check(not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
+               "teacher_weights: one per teacher (or empty for equal weights)")
+        _check(all(w >= 0 for w in self.teacher_weights), "teacher_weights must be >= 0")
+        _check(len(set(self.teachers)) == len(self.teachers), "teachers must be distinct")
+        _check(0.0 < self.fraction <= 1.0, "fraction must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default.
 
     Sized for 2 CPU cores: the teacher is the real Gemma-3 270M (from its PyPI wheel) with a small LoRA
-    on 400 rows, 2 folds, 128 tokens. At that scale it barely moves from the uniform guess — the demo
+    on 400 rows, 2 folds, 128 tokens; the student the real SmolLM2-135M, distilled the same way. At that scale it barely moves from the uniform guess — the demo
     shows the chain working end to end, not the recipe's score.
     """
 
@@ -261,6 +296,13 @@ class DemoConfig:
         train=TrainConfig(epochs=1.0, batch_size=8, grad_accum=1, lr=1e-4, head_lr=3e-4, warmup_ratio=0.1,
                           eval_every=13, checkpoint_every=10),
         pack=PackConfig(max_length=128))
+    student: DistillConfig = DistillConfig(
+        name="smollm2-135m",
+        model=ModelConfig(model_dir="zoo:smollm2-135m", lora_r=8, lora_alpha=16, lora_dropout=0.0),
+        train=TrainConfig(epochs=1.0, batch_size=8, grad_accum=1, lr=1e-4, head_lr=3e-4, warmup_ratio=0.1,
+                          eval_every=13, checkpoint_every=10),
+        pack=PackConfig(max_length=128), teachers=("gemma3-270m",))
+    holdout_rows: int = 100  # labelled rows no stage trains on (merge and quantisation fidelity)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DemoConfig:

@@ -10,6 +10,10 @@ config in the same folder is refused unless forced):
     eda        tables + plots → eda.md, plots/*.png
     teacher    a real small pretrained model (Gemma-3 270M, LoRA) trained on each fold → teachers/<name>/
                (fold adapters, held-out logits, oof.parquet); resumes from its checkpoints when killed
+    student    a smaller real model (SmolLM2-135M, LoRA) distilled per fold from the teacher's OOF logits
+               → student/<name>/
+    merge      the student's fold adapters merged exactly into one checkpoint → merged/, with the
+               fidelity report against the fold ensemble on the holdout rows → merged/fidelity.json
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
-from . import eda, parsing, prompting, synthetic, teacher, zoo
+from . import distill, eda, merge, parsing, prompting, synthetic, teacher, zoo
 
 
 def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = False,
@@ -31,8 +35,9 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
     run_dir.mkdir(parents=True, exist_ok=True)
     d = run_dir / "data"
     stages: list[tuple[str, Any, Callable[[], str], list[Path]]] = [
-        ("data", cfg.synth, lambda: stage_data(run_dir, cfg.synth),
-         [d / "train.csv", d / "test.csv", d / "sample_submission.csv"]),
+        ("data", {"synth": C.to_dict(cfg.synth), "holdout": cfg.holdout_rows},
+         lambda: stage_data(run_dir, cfg.synth, cfg.holdout_rows),
+         [d / "train.csv", d / "test.csv", d / "sample_submission.csv", d / "holdout.csv"]),
         ("folds", cfg.folds, lambda: stage_folds(run_dir, cfg.folds), [d / "folds.parquet"]),
         ("tokenizer", {"vocab": cfg.tokenizer_vocab, "synth": C.to_dict(cfg.synth)},
          lambda: stage_tokenizer(run_dir, cfg.tokenizer_vocab), [run_dir / "tokenizer" / "tokenizer.json"]),
@@ -42,6 +47,11 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
         ("teacher", {"teacher": C.to_dict(cfg.teacher), "folds": C.to_dict(cfg.folds)},
          lambda: stage_teacher(run_dir, cfg.teacher, log),
          [teacher.teacher_dir(run_dir, cfg.teacher.name) / "oof.parquet"]),
+        ("student", {"student": C.to_dict(cfg.student), "teacher": C.to_dict(cfg.teacher)},
+         lambda: stage_student(run_dir, cfg.student, log),
+         [distill.student_dir(run_dir, cfg.student.name) / "oof.parquet"]),
+        ("merge", {"student": C.to_dict(cfg.student)}, lambda: stage_merge(run_dir, cfg.student, log),
+         [run_dir / "merged" / "config.json", run_dir / "merged" / "fidelity.json"]),
     ]
     for name, stage_cfg, fn, outputs in stages:
         if not C.claim_stage(run_dir, name, stage_cfg, force=force):
@@ -57,14 +67,22 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
     return run_dir
 
 
-def stage_data(run_dir: Path, cfg: C.SynthConfig) -> str:
-    paths = synthetic.write(cfg, run_dir / "data")
+def stage_data(run_dir: Path, cfg: C.SynthConfig, holdout: int = 0) -> str:
+    """The synthetic train/test/sample submission, plus ``holdout.csv``: ``holdout`` more labelled rows
+    from the same generator that no stage trains on (the merge and quantisation fidelity reports use them)."""
+    import dataclasses
+
+    frames = synthetic.generate(dataclasses.replace(cfg, n_train=cfg.n_train + holdout))
+    if holdout:
+        frames["holdout"] = frames["train"].iloc[cfg.n_train:].reset_index(drop=True)
+        frames["train"] = frames["train"].iloc[:cfg.n_train]
+    paths = {name: synthetic.write_table(frame, run_dir / "data" / f"{name}.csv") for name, frame in frames.items()}
     test_csv = paths["test"]
     for path in paths.values():
         report = parsing.validate_file(path, test_path=test_csv)
         if not report.ok:
             raise parsing.DataError(str(path), [p for p in report.problems if p.fatal])
-    return f"{cfg.n_train} train + {cfg.n_test} test rows written and validated"
+    return f"{cfg.n_train} train + {cfg.n_test} test + {holdout} holdout rows written and validated"
 
 
 def stage_folds(run_dir: Path, cfg: C.FoldConfig) -> str:
@@ -105,3 +123,25 @@ def stage_teacher(run_dir: Path, cfg: C.TeacherConfig, log: Callable[[str], None
     report = teacher.fold_report(run_dir, cfg.name)
     folds = ", ".join(f"{r.fold} {r.best_log_loss:.4f}" for r in report.itertuples())
     return f"teacher {cfg.name}: held-out log loss {folds} (uniform guess 1.0986)"
+
+
+def stage_student(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None]) -> str:
+    distill.run(run_dir, cfg, log=log)
+    report = teacher.fold_report(run_dir, cfg.name, root=distill.student_dir(run_dir, cfg.name))
+    folds = ", ".join(f"{r.fold} {r.best_log_loss:.4f}" for r in report.itertuples())
+    return f"student {cfg.name} (from {', '.join(cfg.teachers) or 'labels only'}): held-out log loss {folds}"
+
+
+def stage_merge(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None]) -> str:
+    import json
+
+    base = zoo.resolve_model_dir(cfg.model.model_dir)
+    adapters = merge.fold_adapters(distill.student_dir(run_dir, cfg.name))
+    out = merge.merge_exact(base, adapters, run_dir / "merged", log=log)
+    holdout = parsing.read_competition(run_dir / "data" / "holdout.csv").frame
+    report = merge.fidelity_report(base, adapters, out, holdout, cfg.pack, work_dir=run_dir / "merge-work", log=log)
+    saved = {k: v for k, v in report.items() if k != "probs"}
+    (out / "fidelity.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    return (f"{len(adapters)} folds merged exactly; holdout log loss ensemble {report['log_loss_ensemble']:.4f}, "
+            f"merged {report['log_loss_exact']:.4f}, naive A/B average {report['log_loss_naive']:.4f} "
+            f"(KL to ensemble {report['kl_ensemble_exact']:.2e} vs {report['kl_ensemble_naive']:.2e})")

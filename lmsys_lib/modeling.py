@@ -205,3 +205,36 @@ def save_tiny_checkpoint(family: str, tokenizer: Any, out_dir: str | Path, seed:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def logits_of_batches(model: Any, ids: list[Any], batches: list[list[int]], pad_id: int,
+                      device: Any = "cpu") -> list[tuple[list[int], Any]]:
+    """Run ``model`` (eval mode, no grad) on the given row batches; returns (rows, fp32 logits) per batch.
+    The model's train/eval mode is restored afterwards."""
+    import torch
+
+    from .batching import collate
+
+    was_training = model.training
+    model.eval()
+    results = []
+    with torch.no_grad():
+        for rows in batches:
+            batch = collate([ids[r] for r in rows], pad_id)
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            results.append((rows, out.logits.float().cpu().numpy()))
+    model.train(was_training)
+    return results
+
+
+def predict_logits(model: Any, ids: list[Any], pad_id: int, batch_size: int = 8, device: Any = "cpu") -> Any:
+    """(n, 3) fp32 logits in input order, one process; batches length-sorted (little padding)."""
+    import numpy as np
+
+    from .batching import sorted_batches
+
+    logits = np.zeros((len(ids), 3), dtype=np.float32)
+    for rows, block in logits_of_batches(model, ids, sorted_batches([len(x) for x in ids], batch_size), pad_id,
+                                         device):
+        logits[rows] = block
+    return logits

@@ -34,6 +34,28 @@ def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print) -> Pa
     With ``cfg.pretrain.data`` the teacher is first post-pretrained on that extra data and its folds start
     from the merged checkpoint (``teachers/<name>/pretrained/merged``); a finished post-pretraining is reused.
     """
+
+    def body(model_cfg: ModelConfig, accelerator: Any, quiet: Callable[[str], None]) -> Path:
+        if cfg.pretrain.data:
+            pre = post_pretrain(run_dir, cfg.name, cfg.pretrain, model_cfg, cfg.pack, log=quiet,
+                                accelerator=accelerator)
+            model_cfg = dataclasses.replace(model_cfg, model_dir=str(pre.model_dir))
+        return train_folds(run_dir, cfg.name, model_cfg, cfg.train, cfg.pack, folds=cfg.folds or None,
+                           fraction=cfg.fraction, log=quiet, accelerator=accelerator)
+
+    return run_fold_stage(run_dir, cfg, teacher_dir(run_dir, cfg.name) / "teacher_config.json",
+                          f"teacher-{cfg.name}", body, log)
+
+
+def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
+                   body: Callable[[ModelConfig, Any, Callable[[str], None]], Path],
+                   log: Callable[[str], None] = print) -> Path:
+    """The frame shared by the k-fold stages (teacher, student) under one ``accelerate`` process group.
+
+    Saves ``cfg`` (less ``folds``: which folds run now may vary between sessions) at ``saved`` and refuses
+    another config there; resolves a ``zoo:`` model once (main process first); runs ``body(model_cfg,
+    accelerator, log)``; records the stage as done when it returns an ``oof.parquet``.
+    """
     from accelerate import Accelerator
 
     from .config import save_stage, to_dict
@@ -41,26 +63,19 @@ def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print) -> Pa
 
     accelerator = Accelerator()
     main = accelerator.is_main_process
-    quiet: Callable[[str], None] = log if main else (lambda _: None)
     try:
-        saved = teacher_dir(run_dir, cfg.name) / "teacher_config.json"
-        identity = {k: v for k, v in to_dict(cfg).items() if k != "folds"}  # which folds run now may vary
+        identity = {k: v for k, v in to_dict(cfg).items() if k != "folds"}
         if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != identity:
-            raise ValueError(f"{saved} holds another config for teacher '{cfg.name}': use another name or run folder")
+            raise ValueError(f"{saved} holds another config for '{cfg.name}': use another name or run folder")
         if main:
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
             resolve_model_dir(cfg.model.model_dir)  # a zoo model is converted once, by one process
         accelerator.wait_for_everyone()
         model_cfg = dataclasses.replace(cfg.model, model_dir=resolve_model_dir(cfg.model.model_dir))
-        if cfg.pretrain.data:
-            pre = post_pretrain(run_dir, cfg.name, cfg.pretrain, model_cfg, cfg.pack, log=quiet,
-                                accelerator=accelerator)
-            model_cfg = dataclasses.replace(model_cfg, model_dir=str(pre.model_dir))
-        out = train_folds(run_dir, cfg.name, model_cfg, cfg.train, cfg.pack, folds=cfg.folds or None,
-                          fraction=cfg.fraction, log=quiet, accelerator=accelerator)
+        out = body(model_cfg, accelerator, log if main else (lambda _: None))
         if main and out.name == "oof.parquet":
-            save_stage(run_dir, f"teacher-{cfg.name}", cfg)
+            save_stage(run_dir, stage, cfg)
         return out
     finally:
         # Tear the process group down before interpreter exit: a gloo group left to the garbage
@@ -86,15 +101,19 @@ def load_split(run_dir: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
 
 def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
                 pack_cfg: PackConfig, folds: Sequence[int] | None = None, fraction: float = 1.0,
-                log: Callable[[str], None] = print, accelerator: Any = None) -> Path:
-    """Train the given folds (default: all) of teacher ``name``; write ``oof.parquet`` once all exist.
+                log: Callable[[str], None] = print, accelerator: Any = None, root: Path | None = None,
+                loss_for: Callable[[train.TrainData], Any] | None = None) -> Path:
+    """Train the given folds (default: all) of model ``name``; write ``oof.parquet`` once all exist.
 
     ``fraction`` < 1 trains and evaluates on that share of each fold (a dry run); the OOF file is only
-    written for a full run, since a partial one cannot cover every id.
+    written for a full run, since a partial one cannot cover every id. ``root`` is the model's folder
+    (default ``teachers/<name>``); ``loss_for(fold_train_data)`` gives a fold's training loss (default:
+    cross-entropy) — the student stage passes its distillation loss here, so both share one loop.
     """
     from .modeling import load_tokenizer
     from .prompting import Packer
 
+    root = Path(root) if root is not None else teacher_dir(run_dir, name)
     frame, fold_of = load_split(run_dir)
     if fraction < 1.0:
         keep = np.random.default_rng(train_cfg.seed).random(len(frame)) < fraction
@@ -102,28 +121,28 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
     data = train.pack_for_training(Packer(load_tokenizer(model_cfg.model_dir), pack_cfg), frame)
     k = int(fold_of.max()) + 1
     for fold in (range(k) if folds is None else folds):
-        out = teacher_dir(run_dir, name) / f"fold{fold}"
+        out = root / f"fold{fold}"
         if (out / "metrics.json").exists() and (out / "eval_logits.parquet").exists():
             log(f"[{name}] fold {fold} already trained — skipped")
             continue
         log(f"[{name}] fold {fold}: {int((fold_of != fold).sum())} train rows, {int((fold_of == fold).sum())} held out")
-        train.fit(model_cfg, train_cfg, data.subset(fold_of != fold), data.subset(fold_of == fold), out,
-                  log=log, accelerator=accelerator)
-    if fraction >= 1.0 and all((teacher_dir(run_dir, name) / f"fold{f}" / "eval_logits.parquet").exists()
-                               for f in range(k)):
-        return write_oof(run_dir, name, frame["id"].to_numpy(), k)
-    return teacher_dir(run_dir, name)
+        fold_train = data.subset(fold_of != fold)
+        train.fit(model_cfg, train_cfg, fold_train, data.subset(fold_of == fold), out, log=log,
+                  accelerator=accelerator, loss_fn=loss_for(fold_train) if loss_for else None)
+    if fraction >= 1.0 and all((root / f"fold{f}" / "eval_logits.parquet").exists() for f in range(k)):
+        return write_oof(root, name, frame["id"].to_numpy(), k)
+    return root
 
 
-def write_oof(run_dir: str | Path, name: str, ids: np.ndarray, k: int) -> Path:
-    """Gather the folds' held-out logits into ``oof.parquet`` and check every id is there exactly once."""
+def write_oof(root: Path, name: str, ids: np.ndarray, k: int) -> Path:
+    """Gather the folds' held-out logits into ``root/oof.parquet`` and check every id is there exactly once."""
     parts = []
     for fold in range(k):
-        part = pd.read_parquet(teacher_dir(run_dir, name) / f"fold{fold}" / "eval_logits.parquet")
+        part = pd.read_parquet(root / f"fold{fold}" / "eval_logits.parquet")
         parts.append(part.assign(fold=fold, teacher=name))
     oof = pd.concat(parts, ignore_index=True)[list(OOF_COLUMNS)]
-    check_oof(oof, ids, source=f"teacher {name}")
-    path = teacher_dir(run_dir, name) / "oof.parquet"
+    check_oof(oof, ids, source=f"{name} ({root})")
+    path = root / "oof.parquet"
     oof.to_parquet(path)
     return path
 
@@ -245,16 +264,18 @@ def prepare_run(run_dir: str | Path, data_dir: str | Path, k: int = 5, seed: int
     return run_dir
 
 
-def fold_report(run_dir: str | Path, name: str) -> pd.DataFrame:
-    """Per trained fold: best held-out log loss, its step, steps run; plus the OOF log loss when complete."""
+def fold_report(run_dir: str | Path, name: str, root: Path | None = None) -> pd.DataFrame:
+    """Per trained fold: best held-out log loss, its step, steps run; plus the OOF log loss when complete.
+    ``root``: the model's folder (default ``teachers/<name>``; a student's is ``student/<name>``)."""
     from .metrics import log_loss, softmax
 
+    root = Path(root) if root is not None else teacher_dir(run_dir, name)
     rows = []
-    for path in sorted(teacher_dir(run_dir, name).glob("fold*/metrics.json")):
+    for path in sorted(root.glob("fold*/metrics.json")):
         m = json.loads(path.read_text(encoding="utf-8"))
         rows.append({"fold": path.parent.name, "best_log_loss": m["best_eval_log_loss"],
                      "best_step": m["best_step"], "steps": m["steps"]})
-    oof_path = teacher_dir(run_dir, name) / "oof.parquet"
+    oof_path = root / "oof.parquet"
     if oof_path.exists():
         frame, _ = load_split(run_dir)
         oof = pd.read_parquet(oof_path).set_index("id").loc[frame["id"]]
@@ -263,20 +284,21 @@ def fold_report(run_dir: str | Path, name: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_history(run_dir: str | Path, name: str) -> Any:
+def plot_history(run_dir: str | Path, name: str, root: Path | None = None) -> Any:
     """Held-out log loss and train loss against the step, one line per fold."""
     from matplotlib.figure import Figure
 
+    root = Path(root) if root is not None else teacher_dir(run_dir, name)
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.subplots()
-    for path in sorted(teacher_dir(run_dir, name).glob("fold*/metrics.json")):
+    for path in sorted(root.glob("fold*/metrics.json")):
         history = json.loads(path.read_text(encoding="utf-8"))["history"]
         steps = [h["step"] for h in history]
         ax.plot(steps, [h["eval_log_loss"] for h in history], marker="o", label=f"{path.parent.name} held-out")
     ax.axhline(1.0986, color="grey", linestyle="--", label="uniform guess")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("log loss")
-    ax.set_title(f"Teacher {name}")
+    ax.set_title(name)
     ax.legend()
     fig.tight_layout()
     return fig

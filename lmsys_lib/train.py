@@ -257,19 +257,11 @@ def rank_checksums(accelerator: Any, model: Any) -> list[float]:
 def predict_logits(accelerator: Any, model: Any, ids: list[np.ndarray], pad_id: int,
                    batch_size: int) -> np.ndarray:
     """(n, 3) fp32 logits in input order; batches length-sorted and shared between processes."""
-    import torch
+    from .modeling import logits_of_batches
 
     batches = batching.sorted_batches([len(x) for x in ids], batch_size)
-    mine = batches[accelerator.process_index:: accelerator.num_processes]
-    results = []
-    model.eval()
-    with torch.no_grad():
-        for rows in mine:
-            batch = batching.collate([ids[r] for r in rows], pad_id)
-            out = model(input_ids=batch["input_ids"].to(accelerator.device),
-                        attention_mask=batch["attention_mask"].to(accelerator.device))
-            results.append((rows, out.logits.float().cpu().numpy()))
-    model.train()
+    results = logits_of_batches(model, ids, batches[accelerator.process_index:: accelerator.num_processes],
+                                pad_id, accelerator.device)
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 

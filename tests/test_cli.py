@@ -25,7 +25,10 @@ def _small_demo(tmp_path, tokenizer, max_length=256):
     teacher = {"name": "tiny", "model": {"model_dir": str(tiny), "lora_r": 4, "lora_alpha": 8},
                "train": {"max_steps": 2, "batch_size": 8, "eval_every": 0, "checkpoint_every": 0},
                "pack": {"max_length": 96}}
-    return {"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": max_length}, "teacher": teacher}
+    student = teacher | {"name": "tiny-student", "teachers": ["tiny"],
+                         "model": {"model_dir": str(tiny), "lora_r": 4, "lora_alpha": 8}}
+    return {"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": max_length}, "teacher": teacher,
+            "student": student, "holdout_rows": 30}
 
 
 def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokenizer):
@@ -34,9 +37,9 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
     cfg.write_text(json.dumps(_small_demo(tmp_path, tokenizer)))
     proc = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert proc.returncode == 0, proc.stderr
-    for stage in ("data", "folds", "tokenizer", "pack", "eda", "teacher"):
+    for stage in ("data", "folds", "tokenizer", "pack", "eda", "teacher", "student", "merge"):
         assert f"[{stage}]" in proc.stdout and (run / "config" / f"{stage}.json").exists()
-    for name in ("train.csv", "test.csv", "sample_submission.csv", "folds.parquet", "packed_train.parquet",
+    for name in ("train.csv", "test.csv", "holdout.csv", "sample_submission.csv", "folds.parquet", "packed_train.parquet",
                  "packed_test.parquet"):
         assert (run / "data" / name).exists(), name
     packed = pd.read_parquet(run / "data" / "packed_train.parquet")
@@ -46,9 +49,15 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
     assert packed["n_tokens"].max() <= 256 and (run / "eda.md").exists()
     oof = pd.read_parquet(run / "teachers" / "tiny" / "oof.parquet")
     assert sorted(oof["id"]) == sorted(train["id"]) and set(oof["fold"]) == {0, 1}
+    student = pd.read_parquet(run / "student" / "tiny-student" / "oof.parquet")
+    assert sorted(student["id"]) == sorted(train["id"])
+    holdout = parsing.read_competition(run / "data" / "holdout.csv").frame
+    assert len(holdout) == 30 and not set(holdout["id"]) & set(train["id"])
+    fidelity = json.loads((run / "merged" / "fidelity.json").read_text())
+    assert fidelity["rows"] == 30 and fidelity["naive_weight_error"]["relative_frobenius"] > 0
 
     again = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
-    assert again.returncode == 0 and again.stdout.count("already done") == 6
+    assert again.returncode == 0 and again.stdout.count("already done") == 8
     (run / "data" / "packed_test.parquet").unlink()  # a finished stage whose output went missing runs again
     healed = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert "[pack] outputs missing" in healed.stdout and (run / "data" / "packed_test.parquet").exists()

@@ -72,3 +72,30 @@ def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
     assert len(oof) == 800 and oof["id"].is_unique
     executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
+
+    # 02 and 03 continue the same run: distil a tiny student from the teacher's OOF logits, then merge it
+    student = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "tiny-student", hidden=48)
+    common = {"run_dir": str(run_dir), "max_length": 128}
+    pm.execute_notebook(str(NOTEBOOKS / "02_distillation.ipynb"), str(tmp_path / "out02.ipynb"),
+                        parameters=common | {"model_dir": str(student), "lora_r": 4, "lora_alpha": 8, "max_steps": 3,
+                                             "batch_size": 8, "grad_accum": 1, "lr": 1e-3, "eval_every": 0,
+                                             "checkpoint_every": 0},
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    for name in ("student", "student-labels-only"):
+        assert len(pd.read_parquet(run_dir / "student" / name / "oof.parquet")) == 800
+    executed = nbformat.read(tmp_path / "out02.ipynb", as_version=4)
+    comparison = executed.cells[-1].outputs[0]["data"]["text/plain"]
+    assert "student-labels-only" in comparison and "uniform guess" in comparison
+
+    from lmsys_lib import synthetic
+    from lmsys_lib.config import SynthConfig
+
+    holdout = synthetic.write(SynthConfig(n_train=40, n_test=1, seed=77), tmp_path / "holdout")["train"]
+    pm.execute_notebook(str(NOTEBOOKS / "03_lora_merge.ipynb"), str(tmp_path / "out03.ipynb"),
+                        parameters=common | {"base_dir": str(student), "holdout_csv": str(holdout)},
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    assert (run_dir / "merged" / "model.safetensors").exists()
+    executed = nbformat.read(tmp_path / "out03.ipynb", as_version=4)
+    outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+    assert any("naive A/B average, weight error" in o.get("text", "") for o in outputs)
+    assert any("image/png" in o.get("data", {}) for o in outputs)
