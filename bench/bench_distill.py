@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 
 from lmsys_lib import demo, distill, modeling, parsing, teacher, zoo
-from lmsys_lib.config import DistillConfig, FoldConfig, ModelConfig, PackConfig, SynthConfig, TeacherConfig, TrainConfig
+from lmsys_lib.config import (
+    DistillConfig,
+    FoldConfig,
+    ModelConfig,
+    PackConfig,
+    SynthConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 
 
 def main() -> None:

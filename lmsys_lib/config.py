@@ -293,7 +293,7 @@ class DemoConfig:
     teacher: TeacherConfig = TeacherConfig(
         name="gemma3-270m",
         model=ModelConfig(model_dir="zoo:gemma3-270m", lora_r=8, lora_alpha=16, lora_dropout=0.0),
-        train=TrainConfig(epochs=1.0, batch_size=8, grad_accum=1, lr=1e-4, head_lr=3e-4, warmup_ratio=0.1,
+        train=TrainConfig(epochs=1.0, batch_size=8, grad_accum=1, lr=3e-5, head_lr=3e-5, warmup_ratio=0.1,
                           eval_every=13, checkpoint_every=10),
         pack=PackConfig(max_length=128))
     student: DistillConfig = DistillConfig(
