@@ -2,8 +2,11 @@
 
 Contract:
 - The student trains fold k on the rows of the other folds with ``losses.distill_sum`` against the
-  teachers' OOF logits for those rows (each OOF logit comes from a teacher fold model that never saw the
-  row, so the student never learns a teacher's memorised labels). Same split, same loop as the teachers:
+  teachers' OOF logits for those rows (each OOF logit comes from a teacher fold model that never saw that
+  row, so the student is not handed the teacher's memorised label of the row it learns from). That teacher
+  fold model did train on the student's held-out fold, though, so some of those rows' labels reach the student
+  indirectly: its held-out (and OOF) log loss can be slightly optimistic — judge the final model on rows no
+  stage trained on (the demo's ``holdout.csv``). Same split, same loop as the teachers:
   ``teacher.train_folds`` with another loss — there is no second training loop.
 - Teacher logits are joined by id and validated first: an id missing from a teacher, or present twice, is
   an error naming the ids (``allow_missing_teacher_rows`` masks absent rows out of that teacher's term).

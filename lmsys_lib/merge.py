@@ -147,6 +147,10 @@ def merge_exact(base_dir: str | Path, adapter_dirs: Sequence[str | Path], out_di
     if quant:
         raise ValueError(f"{base_dir} is stored quantised ({quant}); merge into its 16-bit weights: pass the "
                          "16-bit checkpoint the adapters were trained from as base_dir")
+    if config.model_type == "gemma3":
+        raise ValueError(f"{base_dir} is a multimodal Gemma-3 checkpoint (model_type 'gemma3'), whose weight names "
+                         "differ from its classifier's; merge a text-only checkpoint (model_type 'gemma3_text')")
+    head_cls = _seq_cls_name(config)
     _say_if_trained_on_4bit(adapter_dirs, base_dir, log)
     tokenizer = tokenizer or load_tokenizer(base_dir)
     files = _safetensor_files(base_dir)
@@ -155,10 +159,11 @@ def merge_exact(base_dir: str | Path, adapter_dirs: Sequence[str | Path], out_di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     writer = _ShardWriter(tmp, max_shard_bytes)
+    vocab_rows = config.vocab_size
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if key.startswith("lm_head."):
+                if key.startswith(("lm_head.", f"{HEAD}.")):  # the causal-LM head, or a base's own score head
                     continue
                 tensor = f.get_tensor(key)
                 module = key[:-len(".weight")] if key.endswith(".weight") else None
@@ -170,6 +175,8 @@ def merge_exact(base_dir: str | Path, adapter_dirs: Sequence[str | Path], out_di
                     extra = torch.zeros(tokenizer.pad_token_id + 1 - tensor.shape[0], tensor.shape[1],
                                         dtype=tensor.dtype)
                     tensor = torch.cat([tensor, extra])  # the classifier added a pad token: its row is unused
+                if key.endswith("embed_tokens.weight"):
+                    vocab_rows = tensor.shape[0]
                 writer.add(key, tensor)
     if pending:
         raise ValueError(f"{base_dir}: the adapters change weights the base does not have: {sorted(pending)[:5]}")
@@ -179,7 +186,8 @@ def merge_exact(base_dir: str | Path, adapter_dirs: Sequence[str | Path], out_di
     writer.close()
     config.num_labels = NUM_LABELS
     config.pad_token_id = tokenizer.pad_token_id
-    config.architectures = [_seq_cls_name(config)]
+    config.vocab_size = vocab_rows  # grown by one when the classifier added a pad token
+    config.architectures = [head_cls]
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "lmsys_merge.json").write_text(json.dumps(

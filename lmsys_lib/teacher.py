@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
             raise ValueError(f"{saved} holds another config for '{cfg.name}': use another name or run folder")
         if main:
             saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
+            tmp = saved.with_name(saved.name + ".tmp")
+            tmp.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, saved)  # atomic: another process never reads half a file
             resolve_model_dir(cfg.model.model_dir)  # a zoo model is converted once, by one process
         accelerator.wait_for_everyone()
         model_cfg = dataclasses.replace(cfg.model, model_dir=resolve_model_dir(cfg.model.model_dir))
@@ -129,8 +132,13 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
         fold_train = data.subset(fold_of != fold)
         train.fit(model_cfg, train_cfg, fold_train, data.subset(fold_of == fold), out, log=log,
                   accelerator=accelerator, loss_fn=loss_for(fold_train) if loss_for else None)
-    if fraction >= 1.0 and all((root / f"fold{f}" / "eval_logits.parquet").exists() for f in range(k)):
-        return write_oof(root, name, frame["id"].to_numpy(), k)
+    finished = all((root / f"fold{f}" / "metrics.json").exists() for f in range(k))  # eval_logits exist mid-fold
+    if fraction >= 1.0 and finished:
+        if accelerator is None or accelerator.is_main_process:
+            write_oof(root, name, frame["id"].to_numpy(), k)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return root / "oof.parquet"
     return root
 
 
@@ -193,7 +201,7 @@ def post_pretrain(run_dir: str | Path, name: str, cfg: PretrainConfig, model_cfg
     from .prompting import Packer
 
     out = teacher_dir(run_dir, name) / "pretrained"
-    merged = out / "merged"
+    merged = out / ("adapter" if model_cfg.lora_r == 0 else "merged")  # full fine-tuning saves a checkpoint
     if (merged / "config.json").exists() and (out / "metrics.json").exists():
         log(f"[{name}] post-pretraining already done — starting the folds from {merged}")
         return PretrainResult(merged, json.loads((out / "metrics.json").read_text(encoding="utf-8")))

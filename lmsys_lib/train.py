@@ -130,7 +130,13 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
                                                                    "history": []}
     ctx = _Loop(accelerator, model, optimizer, tokenizer.pad_token_id, train_cfg, stream,
                 loss_fn or _ce_loss, out_dir, log)
-    return ctx.run(state, train_data, eval_data, progress)
+    try:
+        return ctx.run(state, train_data, eval_data, progress)
+    finally:
+        # One accelerator serves every fold of a stage: drop its references to this fold's model and
+        # optimiser, or each fold's weights and AdamW state would stay resident (on a GPU: OOM by fold 2).
+        del ctx, model, optimizer
+        accelerator.free_memory()
 
 
 def _ce_loss(logits: Any, labels: Any, rows: np.ndarray, swapped: np.ndarray) -> Any:

@@ -155,3 +155,24 @@ def test_mismatched_or_unmergeable_adapters_are_refused(base, tmp_path):
         merge.read_adapter(a)
     with pytest.raises(FileNotFoundError, match="fold"):
         merge.fold_adapters(tmp_path / "nothing")
+
+
+def test_base_without_a_pad_token_merges_into_a_loadable_checkpoint(tmp_path):
+    """The classifier adds a pad token (no candidate in the vocabulary): the merged embedding and config grow."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    texts = ["a short row", "a somewhat longer second row of words", "third", "and the fourth row is here"] * 20
+    raw.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<bos>", "<eos>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", bos_token="<bos>")
+    assert modeling.choose_pad_token(tok)[1]  # a pad token must be added
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(modeling.tiny_config("llama", len(tok))).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    adapters = _fold_adapters(tmp_path / "base", tmp_path / "folds", k=2)
+    out = merge.merge_exact(tmp_path / "base", adapters, tmp_path / "merged", log=lambda _: None)
+    merged = AutoModelForSequenceClassification.from_pretrained(out)
+    assert merged.config.vocab_size == len(tok) + 1 == merged.get_input_embeddings().weight.shape[0]

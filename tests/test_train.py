@@ -239,3 +239,29 @@ def test_teacher_config_post_pretrains_then_trains_folds_from_the_merged_base(sm
     again = subprocess.run(command + ["--folds", "1"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "post-pretraining already done" in again.stdout
+
+
+def test_oof_waits_for_every_fold_to_finish(small_run, tmp_path):
+    """A fold killed after its first evaluation has eval_logits.parquet but no metrics.json: no OOF file yet."""
+    cfg = _teacher_json(tmp_path / "t.json", small_run, max_length=96, max_steps=2, batch_size=8, eval_every=0)
+    command = [sys.executable, "-m", "lmsys_lib", "teacher", "--run-dir", str(small_run), "--config", str(cfg),
+               "--name", "unfinished"]
+    assert subprocess.run(command + ["--folds", "0", "1", "2"], capture_output=True, text=True).returncode == 0
+    root = small_run / "teachers" / "unfinished"
+    (root / "oof.parquet").unlink()
+    (root / "fold2" / "metrics.json").unlink()  # as if killed mid-fold
+    proc = subprocess.run(command + ["--folds", "0"], capture_output=True, text=True)
+    assert proc.returncode == 0 and not (root / "oof.parquet").exists()
+
+
+def test_full_fine_tuning_post_pretrain_starts_the_folds_from_its_checkpoint(small_run):
+    from lmsys_lib.config import ModelConfig, PackConfig
+
+    model_cfg = ModelConfig(model_dir=str(small_run / "models" / "tiny-llama"), lora_r=0, head_init="model")
+    cfg = PretrainConfig(data=(str(_extra_csv(small_run)),), held_out_share=0.2,
+                         train=TrainConfig(max_steps=2, batch_size=8, grad_accum=1, eval_every=0, checkpoint_every=0))
+    first = teacher.post_pretrain(small_run, "fullpre", cfg, model_cfg, PackConfig(max_length=96), log=lambda _: None)
+    assert (first.model_dir / "config.json").exists()
+    said = []
+    again = teacher.post_pretrain(small_run, "fullpre", cfg, model_cfg, PackConfig(max_length=96), log=said.append)
+    assert again.model_dir == first.model_dir and "already done" in said[0]
