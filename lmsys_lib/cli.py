@@ -7,10 +7,12 @@ be read, or a usage / environment error (message on stderr, never a traceback).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -80,37 +82,36 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_teacher(args: argparse.Namespace) -> int:
-    from . import teacher
-    from .config import TeacherConfig, from_dict
+def _fold_stage_config(args: argparse.Namespace, cls: type, overrides: tuple[str, ...]) -> Any:
+    """A fold stage's config (``TeacherConfig``/``DistillConfig``): the JSON file, then the command-line overrides."""
+    from .config import from_dict
 
     data = json.loads(Path(args.config).read_text()) if args.config else {}
     data.setdefault("model", {})
     if args.model_dir:
         data["model"]["model_dir"] = args.model_dir
-    if args.name:
-        data["name"] = args.name
-    if args.folds is not None:
-        data["folds"] = args.folds
+    for key in overrides:
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    return from_dict(cls, data)
+
+
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    from . import teacher
+    from .config import TeacherConfig
+
+    cfg = _fold_stage_config(args, TeacherConfig, ("name", "folds"))
     if args.pretrain_data:
-        data.setdefault("pretrain", {})["data"] = args.pretrain_data
-    cfg = from_dict(TeacherConfig, data)
+        cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, data=tuple(args.pretrain_data)))
     print(teacher.run(args.run_dir, cfg))
     return 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from . import distill
-    from .config import DistillConfig, from_dict
+    from .config import DistillConfig
 
-    data = json.loads(Path(args.config).read_text()) if args.config else {}
-    data.setdefault("model", {})
-    if args.model_dir:
-        data["model"]["model_dir"] = args.model_dir
-    for key in ("name", "folds", "teachers"):
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
-    print(distill.run(args.run_dir, from_dict(DistillConfig, data)))
+    print(distill.run(args.run_dir, _fold_stage_config(args, DistillConfig, ("name", "folds", "teachers"))))
     return 0
 
 
@@ -118,7 +119,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from . import merge
     from .zoo import resolve_model_dir
 
-    adapters = args.adapters or merge.fold_adapters(args.folds_dir)
+    adapters = merge.read_adapters(args.adapters or merge.fold_adapters(args.folds_dir))  # read once
     base = resolve_model_dir(args.base)
     if args.form == "checkpoint":
         out = merge.merge_exact(base, adapters, args.out, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))

@@ -120,23 +120,20 @@ def stage_eda(run_dir: Path) -> str:
 
 def stage_teacher(run_dir: Path, cfg: C.TeacherConfig, log: Callable[[str], None]) -> str:
     teacher.run(run_dir, cfg, log=log)
-    report = teacher.fold_report(run_dir, cfg.name)
-    folds = ", ".join(f"{r.fold} {r.best_log_loss:.4f}" for r in report.itertuples())
-    return f"teacher {cfg.name}: held-out log loss {folds} (uniform guess 1.0986)"
+    return f"teacher {cfg.name}: held-out log loss {_folds_line(teacher.fold_report(run_dir, cfg.name))} (uniform guess 1.0986)"
 
 
 def stage_student(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None]) -> str:
     distill.run(run_dir, cfg, log=log)
     report = teacher.fold_report(run_dir, cfg.name, root=distill.student_dir(run_dir, cfg.name))
-    folds = ", ".join(f"{r.fold} {r.best_log_loss:.4f}" for r in report.itertuples())
-    return f"student {cfg.name} (from {', '.join(cfg.teachers) or 'labels only'}): held-out log loss {folds}"
+    return f"student {cfg.name} (from {', '.join(cfg.teachers) or 'labels only'}): held-out log loss {_folds_line(report)}"
 
 
 def stage_merge(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None]) -> str:
     import json
 
     base = zoo.resolve_model_dir(cfg.model.model_dir)
-    adapters = merge.fold_adapters(distill.student_dir(run_dir, cfg.name))
+    adapters = merge.read_adapters(merge.fold_adapters(distill.student_dir(run_dir, cfg.name)))
     out = merge.merge_exact(base, adapters, run_dir / "merged", log=log)
     holdout = parsing.read_competition(run_dir / "data" / "holdout.csv").frame
     report = merge.fidelity_report(base, adapters, out, holdout, cfg.pack, work_dir=run_dir / "merge-work", log=log)
@@ -145,3 +142,7 @@ def stage_merge(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None])
     return (f"{len(adapters)} folds merged exactly; holdout log loss ensemble {report['log_loss_ensemble']:.4f}, "
             f"merged {report['log_loss_exact']:.4f}, naive A/B average {report['log_loss_naive']:.4f} "
             f"(KL to ensemble {report['kl_ensemble_exact']:.2e} vs {report['kl_ensemble_naive']:.2e})")
+
+
+def _folds_line(report: Any) -> str:
+    return ", ".join(f"{r.fold} {r.best_log_loss:.4f}" for r in report.itertuples())

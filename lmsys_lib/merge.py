@@ -84,11 +84,15 @@ def read_adapter(path: str | Path) -> Adapter:
     return adapter
 
 
-def read_adapters(paths: Sequence[str | Path]) -> list[Adapter]:
-    """Read several fold adapters and check they change the same modules with matching shapes."""
+AdapterSource = Sequence["str | Path | Adapter"]
+
+
+def read_adapters(paths: AdapterSource) -> list[Adapter]:
+    """Read several fold adapters (already read ones pass through: read once, use many times) and check
+    they change the same modules with matching shapes."""
     if not paths:
         raise ValueError("no adapters to merge")
-    adapters = [read_adapter(p) for p in paths]
+    adapters = [p if isinstance(p, Adapter) else read_adapter(p) for p in paths]
     first = adapters[0]
     for other in adapters[1:]:
         if set(other.modules) != set(first.modules):
@@ -125,7 +129,7 @@ def mean_head(adapters: Sequence[Adapter]) -> dict[str, Any]:
 # -- exact merge into a plain checkpoint -------------------------------------------------------------
 
 
-def merge_exact(base_dir: str | Path, adapter_dirs: Sequence[str | Path], out_dir: str | Path,
+def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str | Path,
                 tokenizer: Any = None, max_shard_bytes: int = 2 * 1024 ** 3,
                 log: Callable[[str], None] = print) -> Path:
     """W + mean_k(s_k·B_k·A_k) for every adapted weight, heads averaged → ``out_dir`` (HF checkpoint).
@@ -151,7 +155,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: Sequence[str | Path], out_di
         raise ValueError(f"{base_dir} is a multimodal Gemma-3 checkpoint (model_type 'gemma3'), whose weight names "
                          "differ from its classifier's; merge a text-only checkpoint (model_type 'gemma3_text')")
     head_cls = _seq_cls_name(config)
-    _say_if_trained_on_4bit(adapter_dirs, base_dir, log)
+    _say_if_trained_on_4bit([a.path for a in adapters], base_dir, log)
     tokenizer = tokenizer or load_tokenizer(base_dir)
     files = _safetensor_files(base_dir)
     pending = set(adapters[0].modules)
@@ -199,7 +203,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: Sequence[str | Path], out_di
     return out_dir
 
 
-def _say_if_trained_on_4bit(adapter_dirs: Sequence[str | Path], base_dir: Path, log: Callable[[str], None]) -> None:
+def _say_if_trained_on_4bit(adapter_dirs: Sequence[Path], base_dir: Path, log: Callable[[str], None]) -> None:
     for path in adapter_dirs:
         fit = Path(path).parent / "fit_config.json"
         if fit.exists() and json.loads(fit.read_text(encoding="utf-8"))["model"].get("quantization") == "nf4":
@@ -277,7 +281,7 @@ class _ShardWriter:
 # -- adapters: the exact concatenated form, and the naive average ------------------------------------
 
 
-def exact_adapter(adapter_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+def exact_adapter(adapter_dirs: AdapterSource, out_dir: str | Path) -> Path:
     """The exact merge kept as LoRA: A_cat = [A_1; …; A_k], B_cat = [s_1·B_1/k, …, s_k·B_k/k], scaling 1.
 
     B_cat·A_cat = mean_k(s_k·B_k·A_k) exactly; rank Σ r_k (5 folds of r = 64 → 320). Heads averaged.
@@ -297,7 +301,7 @@ def exact_adapter(adapter_dirs: Sequence[str | Path], out_dir: str | Path) -> Pa
     return _write_adapter(out_dir, config, tensors, mean_head(adapters))
 
 
-def naive_adapter(adapter_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+def naive_adapter(adapter_dirs: AdapterSource, out_dir: str | Path) -> Path:
     """Every tensor averaged key by key (A with A, B with B) — the first-place code's fusion. Inexact."""
     naive = _naive(read_adapters(adapter_dirs))
     lora = {k: v for k, v in naive.tensors.items() if ".lora_" in k}
@@ -320,7 +324,7 @@ def _write_adapter(out_dir: str | Path, config: dict[str, Any], lora: dict[str, 
     return out_dir
 
 
-def weight_error(adapter_dirs: Sequence[str | Path]) -> dict[str, float]:
+def weight_error(adapter_dirs: AdapterSource) -> dict[str, float]:
     """How far the naive A/B average is from the exact mean update, in weight space.
 
     ``relative_frobenius``: ‖ΔW_naive − ΔW_exact‖_F / ‖ΔW_exact‖_F over all adapted weights together;
@@ -342,7 +346,7 @@ def weight_error(adapter_dirs: Sequence[str | Path]) -> dict[str, float]:
 # -- fidelity ---------------------------------------------------------------------------------------
 
 
-def fidelity_report(base_dir: str | Path, adapter_dirs: Sequence[str | Path], merged_dir: str | Path,
+def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_dir: str | Path,
                     frame: pd.DataFrame, pack_cfg: Any, batch_size: int = 8, work_dir: str | Path | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Merged model vs the k-fold ensemble (mean of the folds' probabilities) on ``frame``'s rows.
@@ -362,6 +366,7 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: Sequence[str | Path], me
 
     base_dir, merged_dir = Path(base_dir), Path(merged_dir)
     work = Path(work_dir) if work_dir else merged_dir.parent
+    adapters = read_adapters(adapter_dirs)  # once: a 9B model's fold adapters are hundreds of MB each
     tokenizer = load_tokenizer(base_dir)
     ids = list(Packer(tokenizer, pack_cfg).pack_frame(frame)["input_ids"])
 
@@ -376,13 +381,13 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: Sequence[str | Path], me
         model = PeftModel.from_pretrained(base_model(), adapter)
         return softmax(predict_logits(model, ids, tokenizer.pad_token_id, batch_size))
 
-    fold_probs = [adapted_probs(Path(p)) for p in adapter_dirs]
+    fold_probs = [adapted_probs(a.path) for a in adapters]
     ensemble = np.mean(fold_probs, axis=0)
     merged = AutoModelForSequenceClassification.from_pretrained(
         merged_dir, dtype=torch.float32, attn_implementation=attention_for(AutoConfig.from_pretrained(merged_dir),
                                                                            "auto"))
     exact = softmax(predict_logits(merged, ids, tokenizer.pad_token_id, batch_size))
-    naive_dir = naive_adapter(adapter_dirs, work / "naive-adapter")
+    naive_dir = naive_adapter(adapters, work / "naive-adapter")
     naive = adapted_probs(naive_dir)
 
     def kl(p: np.ndarray, q: np.ndarray) -> float:
@@ -400,7 +405,7 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: Sequence[str | Path], me
     if labels is not None:
         report["log_loss_naive_minus_exact"] = report["log_loss_naive"] - report["log_loss_exact"]
         report["log_loss_each_fold"] = [log_loss(labels, p) for p in fold_probs]
-    report["naive_weight_error"] = weight_error(adapter_dirs)
+    report["naive_weight_error"] = weight_error(adapters)
     report["probs"] = {"ensemble": ensemble, "exact": exact, "naive": naive}
     log(f"fidelity on {len(frame)} rows: " + ", ".join(
         f"{k} {v:.4f}" for k, v in report.items() if isinstance(v, float)))
