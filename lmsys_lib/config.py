@@ -278,6 +278,45 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """GPTQ of a merged classifier (``lmsys_lib.quantize``) and the bar its fidelity report must clear.
+
+    Calibration rows are packed from the training data at ``calib_max_length`` and drawn across the length
+    distribution (one row from each of ``calib_rows`` length bins), so long rows are represented. The
+    first-place recipe: 8 bits, group size 128, 128 training texts, length 2,100. ``dtype="auto"``
+    quantises and runs in fp16 on a GPU (what a T4 runs; GPTQ Marlin on sm75 takes fp16 only) and bf16 on a
+    CPU (the torch kernel takes fp16/bf16, not fp32). The fidelity report compares the quantised model with
+    the unquantised one in that same dtype; ``max_mean_kl`` / ``min_agreement`` turn a bad quantisation into
+    an error (``max_row_kl`` too when > 0).
+    """
+
+    bits: int = 8
+    group_size: int = 128  # -1: one group per output channel
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = 0.1
+    calib_rows: int = 128
+    calib_max_length: int = 2100
+    calib_seed: int = 0
+    dtype: str = "auto"  # "auto", "fp16" or "bf16"
+    max_mean_kl: float = 1e-3
+    max_row_kl: float = 0.0  # 0: not checked
+    min_agreement: float = 0.98
+    eval_batch_size: int = 8
+    max_shard_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check(self.bits in (4, 8), "bits must be 8 or 4")
+        _check(self.group_size == -1 or self.group_size >= 16, "group_size must be -1 or >= 16")
+        _check(0.0 < self.damp_percent < 1.0, "damp_percent must be in (0, 1)")
+        _check(self.calib_rows >= 1 and self.calib_max_length >= 16, "calib_rows >= 1, calib_max_length >= 16")
+        _check(self.dtype in ("auto", "fp16", "bf16"), "dtype must be auto, fp16 or bf16")
+        _check(self.max_mean_kl > 0 and self.max_row_kl >= 0, "max_mean_kl > 0, max_row_kl >= 0")
+        _check(0.0 <= self.min_agreement <= 1.0, "min_agreement must be in [0, 1]")
+        _check(self.eval_batch_size >= 1 and self.max_shard_gb > 0, "eval_batch_size >= 1, max_shard_gb > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default.
 

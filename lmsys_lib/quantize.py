@@ -1,0 +1,544 @@
+"""GPTQ (8-bit by default) of a merged classifier, with a fidelity report that can fail loudly.
+
+Why GPT-QModel: the first-place solution quantised with ``auto-gptq``, which is archived, no longer imports
+with current transformers and refuses to quantise without CUDA. Its maintained successor GPT-QModel
+(``gptqmodel``) quantises on a CPU too. The path used here is transformers' ``GPTQConfig`` (optimum drives
+GPT-QModel's GPTQ solver block by block): it quantises the decoder's linear layers only, so the
+classification head (``score``) stays in 16-bit, and the result is a plain checkpoint that
+``AutoModelForSequenceClassification.from_pretrained`` loads. (GPT-QModel's own loader is built around
+causal-LM heads and restructures a sequence classifier.)
+
+Contract:
+- ``calibration_set`` packs the training rows with our own prompt format (``prompting.Packer``) at
+  ``calib_max_length`` and takes one row from each of ``calib_rows`` length bins: short and long rows both
+  calibrate the Hessians.
+- ``quantize`` writes ``out_dir`` atomically: sharded safetensors, ``config.json`` (its
+  ``quantization_config`` without the calibration data), the tokenizer and ``quantize.json`` (settings,
+  calibration lengths, versions, timings, and the kernels to use per device). It checks on disk that every
+  decoder linear is quantised and that ``score`` is not.
+- ``load_quantized`` validates the folder first (config, shard index, safetensors headers against file
+  sizes, missing weights) and names what is wrong; then tries the recorded kernels in order: on a CUDA GPU
+  GPTQ Marlin (fp16 on a T4, sm75: Marlin there takes fp16 only), then Triton, then the torch kernel; on a
+  CPU the torch kernel (bf16).
+- ``fidelity_report`` compares quantised and unquantised on held-out rows: log loss of each, mean / max KL,
+  argmax agreement, max |Δlogit|, size on disk, load time and rows/s; ``check_fidelity`` raises
+  ``FidelityError`` when it misses the config's thresholds.
+
+CPU notes: GPT-QModel reads ``GPTQMODEL_CPU_WORKERS`` (set here to the core count, at most 12, unless
+already set); its first run JIT-compiles a small CPU extension (~30 s) into ``jit_cache_dir()``
+(``~/.cache/gptqmodel/torch_extensions``, or ``$GPTQMODEL_TORCH_EXTENSIONS_DIR``), reused afterwards.
+
+This module never imports ``train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import PackConfig, QuantizeConfig
+
+SIDECAR = "quantize.json"
+KERNELS = {  # tried in order at load time; the first that loads is used (and logged)
+    "cuda": ["gptq_marlin", "gptq_triton", "gptq_torch"],
+    "cpu": ["gptq_torch"],
+}
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class QuantizedCheckpointError(ValueError):
+    """A quantised checkpoint folder is incomplete or corrupt (the message names the file and the problem)."""
+
+
+class FidelityError(RuntimeError):
+    """The quantised model strays further from the unquantised one than the configured thresholds allow."""
+
+
+# -- environment ---------------------------------------------------------------------------------------
+
+
+def jit_cache_dir() -> Path:
+    """Where GPT-QModel caches its JIT-compiled extensions (``$GPTQMODEL_TORCH_EXTENSIONS_DIR`` moves it)."""
+    root = os.environ.get("GPTQMODEL_TORCH_EXTENSIONS_DIR")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "gptqmodel" / "torch_extensions"
+
+
+def prepare_env() -> dict[str, str]:
+    """Worker settings GPT-QModel needs, set before it is imported (existing values are kept)."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(12, os.cpu_count() or 1))))
+    return {"GPTQMODEL_CPU_WORKERS": os.environ["GPTQMODEL_CPU_WORKERS"], "jit_cache": str(jit_cache_dir())}
+
+
+def resolve_device(device: Any = "auto") -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compute_dtype(device: Any, requested: str = "auto") -> Any:
+    """fp16 on a GPU (what a T4 runs), bf16 on a CPU (the torch GPTQ kernel takes no fp32)."""
+    import torch
+
+    if requested != "auto":
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[requested]
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
+# -- calibration -----------------------------------------------------------------------------------
+
+
+def calibration_set(frame: pd.DataFrame, tokenizer: Any, cfg: QuantizeConfig,
+                    pack_cfg: PackConfig | None = None) -> tuple[list[list[int]], dict[str, Any]]:
+    """``cfg.calib_rows`` packed rows drawn across the length distribution of ``frame``.
+
+    Rows are packed at ``cfg.calib_max_length`` (the rest of ``pack_cfg`` as trained), sorted by length,
+    cut into ``calib_rows`` bins of equal count, and one row is drawn (seeded) from each bin.
+    Returns (id lists, summary of the chosen and of all lengths).
+    """
+    from .prompting import Packer
+
+    if len(frame) == 0:
+        raise ValueError("calibration needs at least one row")
+    pack_cfg = dataclasses.replace(pack_cfg or PackConfig(), max_length=cfg.calib_max_length)
+    packed = Packer(tokenizer, pack_cfg).pack_frame(frame)
+    lengths = packed["n_tokens"].to_numpy()
+    order = np.argsort(lengths, kind="stable")
+    n = min(cfg.calib_rows, len(order))
+    rng = np.random.default_rng(cfg.calib_seed)
+    chosen = [int(rng.choice(part)) for part in np.array_split(order, n)]
+    ids = [list(map(int, packed["input_ids"].iloc[i])) for i in chosen]
+    picked = lengths[chosen]
+
+    def quantiles(x: np.ndarray) -> dict[str, int]:
+        return {f"p{q}": int(np.percentile(x, q)) for q in (0, 25, 50, 75, 100)}
+
+    summary = {"rows": n, "of_rows": len(order), "max_length": cfg.calib_max_length,
+               "tokens": int(picked.sum()), "chosen_lengths": quantiles(picked), "all_lengths": quantiles(lengths)}
+    return ids, summary
+
+
+# -- safetensors checks ----------------------------------------------------------------------------
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size (a cut file is named)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise QuantizedCheckpointError(f"{path}: {size} bytes — not a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise QuantizedCheckpointError(f"{path}: header claims {n} bytes, file has {size} (truncated)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise QuantizedCheckpointError(f"{path}: unreadable safetensors header ({err})") from err
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    if 8 + n + end != size:
+        raise QuantizedCheckpointError(f"{path}: tensors need {8 + n + end} bytes, the file has {size} "
+                                       "(truncated or corrupt; copy it again)")
+    return tensors
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (via its index when sharded); each must exist."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = dict.fromkeys(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (json.JSONDecodeError, KeyError) as err:
+            raise QuantizedCheckpointError(f"{index}: unreadable shard index ({err})") from err
+        missing = [n for n in names if not (folder / n).exists()]
+        if missing:
+            raise QuantizedCheckpointError(f"{folder}: shard(s) listed in {index.name} are missing: {missing}")
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if not single.exists():
+        raise QuantizedCheckpointError(f"{folder}: no model.safetensors(.index.json) — not a saved checkpoint "
+                                       "(only safetensors are read)")
+    return [single]
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[list[int], str]]:
+    """name → (shape, dtype) of every tensor in the folder's safetensors files, headers only."""
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for file in checkpoint_files(folder):
+        for key, value in read_header(file).items():
+            shapes[key] = (value["shape"], value["dtype"])
+    return shapes
+
+
+def validate_quantized(folder: str | Path) -> dict[str, Any]:
+    """Check a quantised checkpoint folder without loading it; returns its ``config.json`` as a dict.
+
+    Raises ``QuantizedCheckpointError`` naming the file and problem: missing/unreadable config, no GPTQ
+    ``quantization_config``, missing shards, truncated safetensors, a decoder linear without its quantised
+    tensors, or a quantised head.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise QuantizedCheckpointError(f"{folder}: no config.json (not a checkpoint folder, or an unfinished copy)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise QuantizedCheckpointError(f"{config_path}: not valid JSON ({err})") from err
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "gptq":
+        raise QuantizedCheckpointError(f"{config_path}: no GPTQ quantization_config — this folder is not a "
+                                       "quantised checkpoint (quantise it with lmsys quantize)")
+    shapes = tensor_shapes(folder)
+    problems = _layout_problems(shapes)
+    if problems:
+        raise QuantizedCheckpointError(f"{folder}: " + "; ".join(problems))
+    return config
+
+
+def _layout_problems(shapes: dict[str, Any]) -> list[str]:
+    """Every decoder linear has qweight/scales/qzeros, none is left as a plain weight, the head is plain."""
+    problems = []
+    linears = {k.rsplit(".", 1)[0] for k in shapes if k.rsplit(".", 1)[0].endswith(LINEAR_SUFFIXES)
+               and ".layers." in k}
+    for module in sorted(linears):
+        have = {part for part in ("qweight", "scales", "qzeros", "weight") if f"{module}.{part}" in shapes}
+        if "weight" in have:
+            problems.append(f"{module} is not quantised (plain weight)")
+        elif have != {"qweight", "scales", "qzeros"}:
+            problems.append(f"{module} lacks {sorted({'qweight', 'scales', 'qzeros'} - have)}")
+    if not linears:
+        problems.append("no decoder linear layers found")
+    if "score.weight" not in shapes:
+        problems.append("no score.weight (the 16-bit classification head)")
+    if any(k.startswith("score.") and k != "score.weight" and k != "score.bias" for k in shapes):
+        problems.append("the score head is quantised; it must stay 16-bit")
+    return problems[:8]
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+# -- quantise ---------------------------------------------------------------------------------------
+
+
+def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Sequence[int]], cfg: QuantizeConfig,
+             device: Any = "auto", calib_summary: dict[str, Any] | None = None,
+             log: Callable[[str], None] = print) -> Path:
+    """GPTQ the decoder linears of the classifier in ``model_dir`` → ``out_dir`` (score head kept 16-bit).
+
+    Args:
+        model_dir: a plain (merged) ``*ForSequenceClassification`` checkpoint with its tokenizer.
+        out_dir: written atomically (``out_dir.tmp`` then renamed).
+        calib_ids: packed calibration rows (``calibration_set``).
+        cfg: bits, group size, desc_act, symmetric, damping, dtype.
+        device: "auto" (first GPU, else CPU), "cpu", "cuda:0", ...
+    """
+    env = prepare_env()
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, GPTQConfig
+
+    from .modeling import attention_for, load_tokenizer
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{model_dir} is already quantised; quantise the 16-bit merged checkpoint")
+    if not (config.architectures or [""])[0].endswith("ForSequenceClassification") or config.num_labels != 3:
+        raise ValueError(f"{model_dir}: expected a 3-label *ForSequenceClassification checkpoint (a merged model), "
+                         f"got {config.architectures} with {config.num_labels} labels")
+    _check_group_size(model_dir, cfg.group_size)
+    if not calib_ids:
+        raise ValueError("no calibration rows")
+    device = resolve_device(device)
+    dtype = compute_dtype(device, cfg.dtype)
+    tokenizer = load_tokenizer(model_dir)
+    data = [{"input_ids": torch.tensor([list(x)], dtype=torch.long),
+             "attention_mask": torch.ones(1, len(x), dtype=torch.long)} for x in calib_ids]
+    gptq = GPTQConfig(bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym,
+                      damp_percent=cfg.damp_percent, dataset=data, model_seqlen=max(len(x) for x in calib_ids),
+                      pad_token_id=tokenizer.pad_token_id, batch_size=1)
+    log(f"GPTQ {cfg.bits}-bit, group {cfg.group_size}, desc_act {cfg.desc_act}, sym {cfg.sym}: {len(data)} "
+        f"calibration rows on {device} in {str(dtype).split('.')[-1]} (CPU workers "
+        f"{env['GPTQMODEL_CPU_WORKERS']}, JIT cache {env['jit_cache']})")
+    start = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, quantization_config=gptq, dtype=dtype, attn_implementation=attention_for(config, "auto"),
+        **_placement(device))
+    seconds = time.perf_counter() - start
+    qc = model.config.quantization_config
+    qc.dataset = None  # never write the calibration rows into config.json
+    qc.tokenizer = None
+    qc.backend = "auto"
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size=f"{int(cfg.max_shard_gb * 1024)}MB")
+    tokenizer.save_pretrained(tmp)
+    problems = _layout_problems(tensor_shapes(tmp))
+    if problems:
+        raise RuntimeError(f"quantised checkpoint has the wrong layout: {'; '.join(problems)}")
+    sidecar = {"source": str(model_dir), "settings": dataclasses.asdict(cfg), "calibration": calib_summary or
+               {"rows": len(calib_ids)}, "device": str(device), "dtype": str(dtype).split(".")[-1],
+               "quantize_seconds": round(seconds, 2), "kernels": KERNELS, "versions": _versions(),
+               "kernel_notes": "CUDA: GPTQ Marlin first (a T4, sm75, needs fp16; it is JIT-compiled on first use "
+                               "into the GPT-QModel cache), else Triton, else the torch kernel; CPU: torch kernel "
+                               "(bf16). Override with load_quantized(..., backend=...)."}
+    (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    del model
+    log(f"quantised in {seconds:.1f} s → {out_dir} ({folder_bytes(out_dir) / 2**20:.1f} MiB, from "
+        f"{folder_bytes(model_dir) / 2**20:.1f} MiB)")
+    return out_dir
+
+
+def _check_group_size(model_dir: Path, group_size: int) -> None:
+    """Every decoder linear's input width must be a multiple of the group size (kernels require it)."""
+    if group_size == -1:
+        return
+    from .merge import _safetensor_files
+
+    bad = {}
+    for file in _safetensor_files(model_dir):
+        for key, value in read_header(file).items():
+            module = key[:-len(".weight")]
+            if key.endswith(".weight") and module.endswith(LINEAR_SUFFIXES) and value["shape"][1] % group_size:
+                bad[module.rsplit(".", 1)[-1]] = value["shape"][1]
+    if bad:
+        raise ValueError(f"group_size {group_size} does not divide the input width of {bad}; pick a divisor of "
+                         f"{sorted(set(bad.values()))} (or -1 for per-channel)")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("gptqmodel", "optimum", "transformers", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+# -- load -------------------------------------------------------------------------------------------
+
+
+def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None = None,
+                   log: Callable[[str], None] = print) -> tuple[Any, Any, dict[str, Any]]:
+    """Validate and load a quantised checkpoint → (model in eval mode, tokenizer, info).
+
+    ``backend`` forces one GPT-QModel kernel; else the kernels recorded for the device class are tried in
+    order. ``info`` says which kernel, dtype and load time.
+    """
+    prepare_env()
+    import torch
+    from transformers import AutoModelForSequenceClassification, GPTQConfig
+
+    from .modeling import attention_for, load_tokenizer
+
+    folder = Path(folder)
+    config = validate_quantized(folder)
+    device = resolve_device(device)
+    sidecar = json.loads((folder / SIDECAR).read_text(encoding="utf-8")) if (folder / SIDECAR).exists() else {}
+    kernels = [backend] if backend else (sidecar.get("kernels") or KERNELS)[device.type]
+    dtype = compute_dtype(device, "auto")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 and sidecar.get("dtype"):
+        dtype = getattr(torch, sidecar["dtype"])  # sm80+ runs the dtype it was quantised in
+    failures = []
+    for kernel in kernels:
+        start = time.perf_counter()
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                folder, dtype=dtype, output_loading_info=True, **_placement(device),
+                quantization_config=GPTQConfig(bits=config["quantization_config"]["bits"], backend=kernel),
+                attn_implementation=attention_for(_ns(config), "auto"))
+        except (ValueError, RuntimeError, ImportError, NotImplementedError) as err:
+            failures.append(f"{kernel}: {str(err).splitlines()[0][:200]}")
+            continue
+        missing = sorted(info["missing_keys"])
+        if missing:
+            raise QuantizedCheckpointError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
+        seconds = time.perf_counter() - start
+        layer = next(m for n, m in model.named_modules() if n.endswith(LINEAR_SUFFIXES))
+        model.eval()
+        details = {"kernel": kernel, "kernel_class": type(layer).__name__, "dtype": str(dtype).split(".")[-1],
+                   "device": str(device), "load_seconds": round(seconds, 3), "tried": failures}
+        log(f"loaded {folder} with {kernel} ({type(layer).__name__}, {details['dtype']}) in {seconds:.1f} s"
+            + (f"; unavailable: {failures}" if failures else ""))
+        return model, load_tokenizer(folder), details
+    raise RuntimeError(f"{folder}: no GPTQ kernel could load it on {device}: {failures}")
+
+
+def _placement(device: Any) -> dict[str, Any]:
+    """``device_map`` on a GPU only (on a CPU transformers would take the map for offloading)."""
+    return {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+
+
+def _ns(config: dict[str, Any]) -> Any:
+    import types
+
+    return types.SimpleNamespace(attn_logit_softcapping=config.get("attn_logit_softcapping"))
+
+
+def load_reference(folder: str | Path, device: Any, dtype: Any) -> Any:
+    """The unquantised classifier in ``dtype`` on ``device`` (eval mode)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .modeling import attention_for
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attention_for(AutoConfig.from_pretrained(folder), "auto"))
+    return model.to(device).eval()
+
+
+# -- fidelity ---------------------------------------------------------------------------------------
+
+
+def fidelity_report(reference_dir: str | Path, quantized_dir: str | Path, frame: pd.DataFrame,
+                    pack_cfg: PackConfig, cfg: QuantizeConfig | None = None, device: Any = "auto",
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Quantised vs unquantised on ``frame``'s rows (held out from training), in the same dtype and device.
+
+    Returns log loss of each (when ``frame`` has labels), mean and max KL(reference ‖ quantised), argmax
+    agreement, max |Δlogit|, size on disk, load seconds and rows/s of each, the kernel used, and per-row
+    ``kl`` and probabilities (``probs``) for plots.
+    """
+    import torch
+
+    from .metrics import log_loss, softmax
+    from .modeling import load_tokenizer, predict_logits
+
+    cfg = cfg or QuantizeConfig()
+    from .prompting import Packer
+
+    device = resolve_device(device)
+    tokenizer = load_tokenizer(quantized_dir)
+    ids = list(Packer(tokenizer, pack_cfg).pack_frame(frame)["input_ids"])
+    model, _, info = load_quantized(quantized_dir, device, log=log)
+    dtype = model.dtype
+
+    def timed_logits(m: Any) -> tuple[np.ndarray, float]:
+        predict_logits(m, ids[: min(2, len(ids))], tokenizer.pad_token_id, cfg.eval_batch_size, device)  # warm-up
+        start = time.perf_counter()
+        out = predict_logits(m, ids, tokenizer.pad_token_id, cfg.eval_batch_size, device)
+        return out, len(ids) / max(time.perf_counter() - start, 1e-9)
+
+    q_logits, q_speed = timed_logits(model)
+    del model
+    start = time.perf_counter()
+    reference = load_reference(reference_dir, device, dtype)
+    ref_load = time.perf_counter() - start
+    r_logits, r_speed = timed_logits(reference)
+    del reference
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    p, q = softmax(r_logits), softmax(q_logits)
+    kl = np.sum(p * (np.log(np.clip(p, 1e-15, 1)) - np.log(np.clip(q, 1e-15, 1))), axis=1)
+    report: dict[str, Any] = {
+        "rows": len(ids), "device": str(device), "dtype": str(dtype).split(".")[-1], "kernel": info["kernel"],
+        "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+        "argmax_agreement": float(np.mean(p.argmax(1) == q.argmax(1))),
+        "max_abs_dlogit": float(np.abs(r_logits - q_logits).max()),
+        "bytes_reference": folder_bytes(reference_dir), "bytes_quantized": folder_bytes(quantized_dir),
+        "load_seconds_reference": round(ref_load, 3), "load_seconds_quantized": info["load_seconds"],
+        "rows_per_s_reference": round(r_speed, 2), "rows_per_s_quantized": round(q_speed, 2)}
+    if "label" in frame.columns:
+        labels = frame["label"].to_numpy()
+        report["log_loss_reference"] = log_loss(labels, p)
+        report["log_loss_quantized"] = log_loss(labels, q)
+    report["kl"] = kl
+    report["probs"] = {"reference": p, "quantized": q}
+    log(f"quantisation fidelity on {len(ids)} rows: " + ", ".join(
+        f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
+    return report
+
+
+def check_fidelity(report: dict[str, Any], cfg: QuantizeConfig) -> None:
+    """Raise ``FidelityError`` naming each threshold the report misses."""
+    misses = []
+    if report["kl_mean"] > cfg.max_mean_kl:
+        misses.append(f"mean KL {report['kl_mean']:.3g} > max_mean_kl {cfg.max_mean_kl:g}")
+    if cfg.max_row_kl and report["kl_max"] > cfg.max_row_kl:
+        misses.append(f"max row KL {report['kl_max']:.3g} > max_row_kl {cfg.max_row_kl:g}")
+    if report["argmax_agreement"] < cfg.min_agreement:
+        misses.append(f"argmax agreement {report['argmax_agreement']:.3f} < min_agreement {cfg.min_agreement:g}")
+    if misses:
+        raise FidelityError("the quantised model is not faithful to the unquantised one: " + "; ".join(misses)
+                            + " — try more calibration rows, a smaller group size, 8 bits, or desc_act=True")
+
+
+def saved_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of a fidelity report (per-row arrays dropped)."""
+    return {k: v for k, v in report.items() if k not in ("kl", "probs")}
+
+
+def report_table(report: dict[str, Any]) -> pd.DataFrame:
+    """One row per model: log loss, size, load time and speed, with KL/agreement for the quantised one."""
+    rows = []
+    for name, label in (("reference", "unquantised"), ("quantized", f"GPTQ ({report['kernel']})")):
+        rows.append({"model": label, "log_loss": report.get(f"log_loss_{name}"),
+                     "size_mib": report[f"bytes_{name}"] / 2**20,
+                     "load_s": report[f"load_seconds_{name}"], "rows_per_s": report[f"rows_per_s_{name}"],
+                     "kl_mean": 0.0 if name == "reference" else report["kl_mean"],
+                     "kl_max": 0.0 if name == "reference" else report["kl_max"],
+                     "argmax_agreement": 1.0 if name == "reference" else report["argmax_agreement"]})
+    return pd.DataFrame(rows)
+
+
+def plot_kl(report: dict[str, Any]) -> Any:
+    """Histogram of per-row KL(unquantised ‖ quantised) (log-spaced), and P(A) of one against the other."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2), dpi=100)
+    left, right = fig.subplots(1, 2)
+    kl = np.clip(report["kl"], 1e-12, None)
+    left.hist(kl, bins=np.logspace(np.log10(kl.min()), np.log10(kl.max()) + 1e-9, 30))
+    left.set_xscale("log")
+    left.set_xlabel("KL(unquantised ‖ quantised) per row")
+    left.set_ylabel("rows")
+    left.set_title(f"mean {report['kl_mean']:.2e}, max {report['kl_max']:.2e}")
+    ref, quant = report["probs"]["reference"], report["probs"]["quantized"]
+    right.scatter(ref[:, 0], quant[:, 0], s=8, alpha=0.6)
+    right.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    right.set_xlabel("unquantised P(A wins)")
+    right.set_ylabel("quantised P(A wins)")
+    fig.tight_layout()
+    return fig
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+
+def run(run_dir: str | Path, model_dir: str | Path, pack_cfg: PackConfig, cfg: QuantizeConfig,
+        out_dir: str | Path | None = None, holdout: str | Path | None = None, device: Any = "auto",
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The quantisation stage of a run: calibrate on ``data/train.csv``, quantise ``model_dir`` into
+    ``quantized/``, report fidelity on ``data/holdout.csv`` (or ``holdout``) → ``quantized/fidelity.json``,
+    and raise ``FidelityError`` when it misses the thresholds. Returns the report."""
+    from .modeling import load_tokenizer
+    from .parsing import read_competition
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir / "quantized"
+    train = read_competition(run_dir / "data" / "train.csv").frame
+    ids, summary = calibration_set(train, load_tokenizer(model_dir), cfg, pack_cfg)
+    quantize(model_dir, out, ids, cfg, device=device, calib_summary=summary, log=log)
+    rows = read_competition(Path(holdout) if holdout else run_dir / "data" / "holdout.csv").frame
+    report = fidelity_report(model_dir, out, rows, pack_cfg, cfg, device=device, log=log)
+    (out / "fidelity.json").write_text(json.dumps(saved_report(report), indent=2), encoding="utf-8")
+    check_fidelity(report, cfg)
+    return report

@@ -1,0 +1,186 @@
+"""GPTQ of tiny real-architecture classifiers on CPU: quantise, save, reload with plain from_pretrained,
+fidelity against the unquantised model, the 16-bit head, and clear errors for broken folders."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmsys_lib import modeling, quantize
+from lmsys_lib.config import PackConfig, QuantizeConfig
+from lmsys_lib.metrics import softmax
+from lmsys_lib.prompting import Packer
+
+PACK = PackConfig(max_length=256)
+# group 32 divides the tiny models' widths (64, 128); 48 calibration rows keep a test quantisation ~5 s
+CFG = QuantizeConfig(bits=8, group_size=32, calib_rows=48, calib_max_length=256)
+
+
+def _classifier(family, tokenizer, out, head_std=0.5):
+    """A tiny merged-style classifier checkpoint. The head is drawn with std 0.5 (logit std ≈ 5): with the
+    default 0.02 every row would sit at ≈ uniform and any quantisation error would hide in a flat softmax."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = modeling.save_tiny_checkpoint(family, copy.deepcopy(tokenizer), out / "base")
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3, dtype=torch.float32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, head_std)
+    model.save_pretrained(out / "cls")
+    modeling.load_tokenizer(base).save_pretrained(out / "cls")
+    return out / "cls"
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2"])
+def quantised(request, tmp_path_factory, tokenizer, synth_frame):
+    out = tmp_path_factory.mktemp(f"q-{request.param}")
+    cls = _classifier(request.param, tokenizer, out)
+    ids, summary = quantize.calibration_set(synth_frame.iloc[:400], modeling.load_tokenizer(cls), CFG, PACK)
+    qdir = quantize.quantize(cls, out / "quantized", ids, CFG, device="cpu", calib_summary=summary,
+                             log=lambda _: None)
+    return request.param, cls, qdir
+
+
+def test_calibration_rows_span_the_length_distribution(synth_frame, tokenizer):
+    cfg = QuantizeConfig(calib_rows=20, calib_max_length=256)
+    ids, summary = quantize.calibration_set(synth_frame, tokenizer, cfg, PACK)
+    again, _ = quantize.calibration_set(synth_frame, tokenizer, cfg, PACK)
+    assert ids == again and len(ids) == 20 and summary["of_rows"] == len(synth_frame)
+    lengths = np.array([len(x) for x in ids])
+    everything = summary["all_lengths"]
+    assert lengths.max() >= everything["p75"] and lengths.min() <= everything["p25"]  # short and long rows
+    assert lengths.max() <= 256
+    other = quantize.calibration_set(synth_frame, tokenizer, dataclass_replace(cfg, calib_seed=1), PACK)[0]
+    assert other != ids  # the seed picks other rows inside the same bins
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_quantised_checkpoint_reloads_with_plain_from_pretrained_and_is_faithful(quantised, synth_frame):
+    from transformers import AutoModelForSequenceClassification
+
+    family, cls, qdir = quantised
+    config = json.loads((qdir / "config.json").read_text())
+    assert config["quantization_config"]["bits"] == 8 and config["quantization_config"].get("dataset") is None
+    side = json.loads((qdir / quantize.SIDECAR).read_text())
+    assert side["kernels"]["cpu"] == ["gptq_torch"] and side["kernels"]["cuda"][0] == "gptq_marlin"
+    assert side["calibration"]["rows"] == 48
+    held = synth_frame.iloc[600:800]  # never seen by the calibration
+    tok = modeling.load_tokenizer(qdir)
+    ids = list(Packer(tok, PACK).pack_frame(held)["input_ids"])
+    plain = AutoModelForSequenceClassification.from_pretrained(qdir, dtype=torch.bfloat16)
+    assert type(plain.score) is torch.nn.Linear  # the head is not quantised
+    layer = plain.model.layers[0].self_attn.q_proj
+    assert type(layer).__module__.startswith("gptqmodel") and not isinstance(layer, torch.nn.Linear)
+    ref = quantize.load_reference(cls, "cpu", torch.bfloat16)
+    p = softmax(modeling.predict_logits(ref, ids, tok.pad_token_id))
+    q = softmax(modeling.predict_logits(plain, ids, tok.pad_token_id))
+    kl = np.sum(p * (np.log(p) - np.log(q)), axis=1)
+    assert kl.mean() <= 1e-3, (family, kl.mean())
+    assert np.mean(p.argmax(1) == q.argmax(1)) >= 0.98
+    assert p.max(1).mean() > 0.6  # the rows are far from uniform: the check has teeth
+
+    report = quantize.fidelity_report(cls, qdir, held, PACK, CFG, device="cpu", log=lambda _: None)
+    quantize.check_fidelity(report, CFG)
+    assert report["kernel"] == "gptq_torch" and report["rows"] == 200
+    assert report["bytes_quantized"] < report["bytes_reference"]
+    assert report["kl_max"] >= report["kl_mean"] > 0 and report["max_abs_dlogit"] > 0
+    assert np.isfinite([report["log_loss_reference"], report["log_loss_quantized"]]).all()
+    table = quantize.report_table(report)
+    assert list(table["model"]) == ["unquantised", "GPTQ (gptq_torch)"]
+    json.dumps(quantize.saved_report(report))
+    quantize.plot_kl(report)
+
+
+def test_head_stays_16_bit_on_disk(quantised):
+    _, _, qdir = quantised
+    tensors = quantize.tensor_shapes(qdir)
+    assert tensors["score.weight"][1] in ("BF16", "F16")
+    assert not any(k.startswith("score.") and k != "score.weight" for k in tensors)
+    assert all(f"{m}.qweight" in tensors for m in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"))
+
+
+def _copy(qdir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(qdir, bad)
+    return bad
+
+
+def test_truncated_weights_are_named(quantised, tmp_path):
+    bad = _copy(quantised[2], tmp_path)
+    file = bad / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(quantize.QuantizedCheckpointError, match="model.safetensors.*truncated"):
+        quantize.load_quantized(bad, log=lambda _: None)
+
+
+def test_missing_files_and_config_are_named(quantised, tmp_path):
+    bad = _copy(quantised[2], tmp_path)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(quantize.QuantizedCheckpointError, match="no model.safetensors"):
+        quantize.validate_quantized(bad)
+    (bad / "config.json").unlink()
+    with pytest.raises(quantize.QuantizedCheckpointError, match="no config.json"):
+        quantize.validate_quantized(bad)
+    unquantised = _copy(quantised[1], tmp_path / "u")
+    with pytest.raises(quantize.QuantizedCheckpointError, match="no GPTQ quantization_config"):
+        quantize.load_quantized(unquantised, log=lambda _: None)
+
+
+def test_a_missing_quantised_tensor_or_shard_is_named(quantised, tmp_path):
+    bad = _copy(quantised[2], tmp_path)
+    tensors = load_file(bad / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.scales"]
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(quantize.QuantizedCheckpointError, match=r"layers\.1\.mlp\.up_proj lacks \['scales'\]"):
+        quantize.load_quantized(bad, log=lambda _: None)
+    index = {"metadata": {}, "weight_map": {"score.weight": "model-00001-of-00002.safetensors",
+                                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(quantize.QuantizedCheckpointError, match="shard.*missing"):
+        quantize.validate_quantized(bad)
+
+
+def test_fidelity_thresholds_fail_loudly():
+    report = {"kl_mean": 2e-3, "kl_max": 0.5, "argmax_agreement": 0.9}
+    with pytest.raises(quantize.FidelityError, match="mean KL 0.002 > max_mean_kl 0.001.*agreement 0.900"):
+        quantize.check_fidelity(report, QuantizeConfig())
+    with pytest.raises(quantize.FidelityError, match="max row KL"):
+        quantize.check_fidelity({**report, "kl_mean": 0.0, "argmax_agreement": 1.0}, QuantizeConfig(max_row_kl=0.1))
+    quantize.check_fidelity({"kl_mean": 1e-5, "kl_max": 1e-4, "argmax_agreement": 1.0}, QuantizeConfig())
+
+
+def test_bad_inputs_are_refused_before_any_work(quantised, tmp_path):
+    family, cls, qdir = quantised
+    with pytest.raises(ValueError, match="group_size 48 does not divide"):
+        quantize.quantize(cls, tmp_path / "x", [[1, 2, 3]], QuantizeConfig(group_size=48), device="cpu")
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize.quantize(qdir, tmp_path / "x", [[1, 2, 3]], CFG, device="cpu")
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        QuantizeConfig(bits=3)
+
+
+def test_four_bit_quantises_too_and_strays_further(quantised, tmp_path, synth_frame):
+    family, cls, qdir = quantised
+    if family != "llama":
+        pytest.skip("one architecture is enough for the 4-bit path")
+    cfg4 = dataclass_replace(CFG, bits=4)
+    ids, _ = quantize.calibration_set(synth_frame.iloc[:400], modeling.load_tokenizer(cls), cfg4, PACK)
+    q4 = quantize.quantize(cls, tmp_path / "q4", ids, cfg4, device="cpu", log=lambda _: None)
+    held = synth_frame.iloc[600:700]
+    r8 = quantize.fidelity_report(cls, qdir, held, PACK, CFG, device="cpu", log=lambda _: None)
+    r4 = quantize.fidelity_report(cls, q4, held, PACK, cfg4, device="cpu", log=lambda _: None)
+    assert r4["bytes_quantized"] < r8["bytes_quantized"]
+    assert r4["kl_mean"] > r8["kl_mean"]
+    with pytest.raises(quantize.FidelityError):
+        quantize.check_fidelity(r4, dataclass_replace(cfg4, max_mean_kl=r8["kl_mean"]))
