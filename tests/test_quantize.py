@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmsys_lib import modeling, quantize
-from lmsys_lib.config import PackConfig, QuantizeConfig
+from lmsys_lib.config import PackConfig, QuantizeConfig, SynthConfig
 from lmsys_lib.metrics import softmax
 from lmsys_lib.prompting import Packer
 
@@ -184,3 +184,45 @@ def test_four_bit_quantises_too_and_strays_further(quantised, tmp_path, synth_fr
     assert r4["kl_mean"] > r8["kl_mean"]
     with pytest.raises(quantize.FidelityError):
         quantize.check_fidelity(r4, dataclass_replace(cfg4, max_mean_kl=r8["kl_mean"]))
+
+
+def test_cli_quantizes_and_fails_loudly_on_a_missed_threshold(quantised, tmp_path, synth_dir, capsys):
+    from lmsys_lib import cli, synthetic
+
+    family, cls, _ = quantised
+    if family != "llama":
+        pytest.skip("the command is architecture-blind")
+    frame = synthetic.generate(SynthConfig(n_train=60, n_test=5, seed=99))["train"]
+    holdout = synthetic.write_table(frame, tmp_path / "holdout.csv")
+    common = ["quantize", "--model", str(cls), "--data", str(synth_dir / "train.csv"), "--holdout", str(holdout),
+              "--group-size", "32", "--calib-rows", "16", "--calib-max-length", "128", "--max-length", "128",
+              "--device", "cpu"]
+    assert cli.main([*common, "--out", str(tmp_path / "q")]) == 0
+    out = capsys.readouterr().out
+    assert "faithful" in out and "GPTQ (gptq_torch)" in out
+    saved = json.loads((tmp_path / "q" / "fidelity.json").read_text())
+    assert saved["rows"] == 60 and saved["kl_mean"] <= 1e-3
+    assert cli.main([*common, "--out", str(tmp_path / "q2"), "--max-mean-kl", "1e-12"]) == 1
+    err = capsys.readouterr().err
+    assert "not faithful" in err and "max_mean_kl 1e-12" in err and (tmp_path / "q2" / "fidelity.json").exists()
+
+
+def test_both_orders_side_by_side_at_toy_scale(tmp_path, tokenizer, synth_frame):
+    """16-bit LoRA → merge → GPTQ-8 vs QLoRA on an nf4 base, same data: the table CI produces (see RESULTS)."""
+    from lmsys_lib import orders
+    from lmsys_lib.config import ModelConfig, TrainConfig
+
+    base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "base")
+    table = orders.compare_orders(
+        base, synth_frame.iloc[:400], synth_frame.iloc[400:520],
+        ModelConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0, head_init="model"),
+        TrainConfig(epochs=1, batch_size=16, grad_accum=1, lr=2e-3, eval_every=10, checkpoint_every=0),
+        PackConfig(max_length=128), QuantizeConfig(group_size=32, calib_rows=24, calib_max_length=128),
+        tmp_path / "work", log=lambda _: None)
+    assert list(table["order"]) == ["16-bit LoRA → merge (not quantised)", "16-bit LoRA → merge → GPTQ-8",
+                                    "QLoRA on nf4 base (adapter unmerged)"]
+    assert np.isfinite(table["log_loss"]).all() and (table["rows_per_s"] > 0).all()
+    sixteen, gptq, qlora = table.itertuples()
+    assert gptq.disk_mib < sixteen.disk_mib and abs(gptq.log_loss - sixteen.log_loss) < 0.01
+    assert qlora.memory_mib < sixteen.memory_mib  # the nf4 base is 4-bit in memory
+    assert table.attrs["test_rows"] == 120 and (tmp_path / "work" / "qlora" / "adapter").exists()
