@@ -320,7 +320,7 @@ class QuantizeConfig:
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default.
 
-    Sized for 2 CPU cores: the teacher is the real Gemma-3 270M (from its PyPI wheel) with a small LoRA
+    Sized for 2 CPU cores (about 13 minutes): the teacher is the real Gemma-3 270M (from its PyPI wheel) with a small LoRA
     on 400 rows, 2 folds, 128 tokens; the student the real SmolLM2-135M, distilled the same way. At that scale it barely moves from the uniform guess — the demo
     shows the chain working end to end, not the recipe's score.
     """
@@ -342,6 +342,8 @@ class DemoConfig:
                           eval_every=13, checkpoint_every=10),
         pack=PackConfig(max_length=128), teachers=("gemma3-270m",))
     holdout_rows: int = 100  # labelled rows no stage trains on (merge and quantisation fidelity)
+    # SmolLM2-135M's widths (576, 1536) are multiples of 64, not of 128
+    quantize: QuantizeConfig = QuantizeConfig(group_size=64, calib_rows=64, calib_max_length=128)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DemoConfig:

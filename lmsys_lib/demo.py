@@ -14,6 +14,9 @@ config in the same folder is refused unless forced):
                → student/<name>/
     merge      the student's fold adapters merged exactly into one checkpoint → merged/, with the
                fidelity report against the fold ensemble on the holdout rows → merged/fidelity.json
+    quantize   the merged student GPTQ-quantised to 8 bits (head kept 16-bit) → quantized/, with the
+               fidelity report against the merged model on the holdout rows → quantized/fidelity.json
+    predict    the quantised student scores test.csv → submission.csv (validated against test.csv)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
-from . import distill, eda, merge, parsing, prompting, synthetic, teacher, zoo
+from . import distill, eda, merge, parsing, prompting, quantize, synthetic, teacher, zoo
 
 
 def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = False,
@@ -52,6 +55,11 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
          [distill.student_dir(run_dir, cfg.student.name) / "oof.parquet"]),
         ("merge", {"student": C.to_dict(cfg.student)}, lambda: stage_merge(run_dir, cfg.student, log),
          [run_dir / "merged" / "config.json", run_dir / "merged" / "fidelity.json"]),
+        ("quantize", {"student": C.to_dict(cfg.student), "quantize": C.to_dict(cfg.quantize)},
+         lambda: stage_quantize(run_dir, cfg.student.pack, cfg.quantize, log),
+         [run_dir / "quantized" / "config.json", run_dir / "quantized" / "fidelity.json"]),
+        ("predict", {"student": C.to_dict(cfg.student), "quantize": C.to_dict(cfg.quantize)},
+         lambda: stage_predict(run_dir, cfg.student.pack, log), [run_dir / "submission.csv"]),
     ]
     for name, stage_cfg, fn, outputs in stages:
         if not C.claim_stage(run_dir, name, stage_cfg, force=force):
@@ -142,6 +150,35 @@ def stage_merge(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None])
     return (f"{len(adapters)} folds merged exactly; holdout log loss ensemble {report['log_loss_ensemble']:.4f}, "
             f"merged {report['log_loss_exact']:.4f}, naive A/B average {report['log_loss_naive']:.4f} "
             f"(KL to ensemble {report['kl_ensemble_exact']:.2e} vs {report['kl_ensemble_naive']:.2e})")
+
+
+def stage_quantize(run_dir: Path, pack: C.PackConfig, cfg: C.QuantizeConfig, log: Callable[[str], None]) -> str:
+    report = quantize.run(run_dir / "merged", run_dir / "quantized", run_dir / "data" / "train.csv",
+                          run_dir / "data" / "holdout.csv", pack, cfg, log=log)
+    return (f"GPTQ {cfg.bits}-bit ({report['kernel']}, {report['dtype']}): holdout log loss merged "
+            f"{report['log_loss_reference']:.4f} → quantised {report['log_loss_quantized']:.4f}, mean KL "
+            f"{report['kl_mean']:.2e}, argmax agreement {report['argmax_agreement']:.3f}, "
+            f"{report['bytes_reference'] / 2**20:.0f} → {report['bytes_quantized'] / 2**20:.0f} MiB")
+
+
+def stage_predict(run_dir: Path, pack: C.PackConfig, log: Callable[[str], None]) -> str:
+    """The quantised student on test.csv → submission.csv (issue-7's kernel will replace this simple loop)."""
+    import pandas as pd
+
+    from .metrics import softmax
+    from .modeling import predict_logits
+
+    model, tokenizer, info = quantize.load_quantized(run_dir / "quantized", quantize.resolve_device("auto"), log=log)
+    test = parsing.read_competition(run_dir / "data" / "test.csv").frame
+    ids = list(prompting.Packer(tokenizer, pack).pack_frame(test)["input_ids"])
+    probs = softmax(predict_logits(model, ids, tokenizer.pad_token_id, 8, info["device"]))
+    path = run_dir / "submission.csv"
+    pd.DataFrame({"id": test["id"], "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
+                  "winner_tie": probs[:, 2]}).to_csv(path, index=False)
+    report = parsing.validate_file(path, test_path=run_dir / "data" / "test.csv")
+    if not report.ok:
+        raise parsing.DataError(str(path), [p for p in report.problems if p.fatal])
+    return f"{len(test)} test rows scored by the quantised student ({info['kernel']}) → {path}"
 
 
 def _folds_line(report: Any) -> str:

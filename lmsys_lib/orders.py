@@ -42,6 +42,7 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
 
     work = Path(work_dir)
     model_dir = str(model_dir)
+    device = quantize.resolve_device(device)
     if "label" not in test_frame.columns:
         raise ValueError("test_frame needs labels (a held-out labelled split)")
     tokenizer = load_tokenizer(model_dir)
@@ -50,7 +51,7 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
     train, evaluation = data.subset(~held), data.subset(held)
     test_ids = list(Packer(tokenizer, pack_cfg).pack_frame(test_frame)["input_ids"])
     labels = test_frame["label"].to_numpy()
-    accelerator = Accelerator(cpu=str(device) == "cpu")
+    accelerator = Accelerator(cpu=device.type == "cpu")
     rows = []
 
     base_cfg = dataclasses.replace(model_cfg, model_dir=model_dir, quantization="none")
@@ -63,10 +64,10 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
     quantized = quantize.quantize(merged, work / "gptq", calib, quant_cfg, device=device, calib_summary=summary,
                                   log=log)
     prep_q = prep16 + time.perf_counter() - start
-    dtype = quantize.compute_dtype(quantize.resolve_device(device), quant_cfg.dtype)
+    dtype = quantize.compute_dtype(device, quant_cfg.dtype)
 
     start = time.perf_counter()
-    model16 = quantize.load_reference(merged, quantize.resolve_device(device), dtype)
+    model16 = quantize.load_reference(merged, device, dtype)
     rows.append(_score("16-bit LoRA → merge (not quantised)", model16, test_ids, labels, tokenizer, device,
                        quantize.folder_bytes(merged), time.perf_counter() - start, prep16))
     del model16

@@ -306,17 +306,21 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
 
 
 def _check_group_size(model_dir: Path, group_size: int) -> None:
-    """Every decoder linear's input width must be a multiple of the group size (kernels require it)."""
-    if group_size == -1:
-        return
+    """Every decoder linear's input and output widths must be multiples of 32 (GPT-QModel packs weights in
+    32-wide blocks) and its input width a multiple of the group size (the kernels need whole groups);
+    checked from the safetensors headers."""
     from .merge import _safetensor_files
 
-    bad = {}
+    widths, outs = {}, {}
     for file in _safetensor_files(model_dir):
         for key, value in read_header(file).items():
             module = key[:-len(".weight")]
-            if key.endswith(".weight") and module.endswith(LINEAR_SUFFIXES) and value["shape"][1] % group_size:
-                bad[module.rsplit(".", 1)[-1]] = value["shape"][1]
+            if key.endswith(".weight") and module.endswith(LINEAR_SUFFIXES):
+                outs[module.rsplit(".", 1)[-1]], widths[module.rsplit(".", 1)[-1]] = value["shape"][:2]
+    bad = {f"{k} in": w for k, w in widths.items() if w % 32} | {f"{k} out": w for k, w in outs.items() if w % 32}
+    if bad:
+        raise ValueError(f"GPTQ packing needs layer widths that are multiples of 32; this model has {bad}")
+    bad = {k: w for k, w in widths.items() if group_size != -1 and w % group_size}
     if bad:
         raise ValueError(f"group_size {group_size} does not divide the input width of {bad}; pick a divisor of "
                          f"{sorted(set(bad.values()))} (or -1 for per-channel)")

@@ -27,8 +27,10 @@ def _small_demo(tmp_path, tokenizer, max_length=256):
                "pack": {"max_length": 96}}
     student = teacher | {"name": "tiny-student", "teachers": ["tiny"],
                          "model": {"model_dir": str(tiny), "lora_r": 4, "lora_alpha": 8}}
+    # a 2-step tiny student is uniform to ~1e-3, so its argmax is rounding noise: agreement is not checked here
+    quant = {"group_size": 32, "calib_rows": 16, "calib_max_length": 96, "min_agreement": 0.0}
     return {"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": max_length}, "teacher": teacher,
-            "student": student, "holdout_rows": 30}
+            "student": student, "holdout_rows": 30, "quantize": quant}
 
 
 def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokenizer):
@@ -37,7 +39,7 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
     cfg.write_text(json.dumps(_small_demo(tmp_path, tokenizer)))
     proc = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert proc.returncode == 0, proc.stderr
-    for stage in ("data", "folds", "tokenizer", "pack", "eda", "teacher", "student", "merge"):
+    for stage in ("data", "folds", "tokenizer", "pack", "eda", "teacher", "student", "merge", "quantize", "predict"):
         assert f"[{stage}]" in proc.stdout and (run / "config" / f"{stage}.json").exists()
     for name in ("train.csv", "test.csv", "holdout.csv", "sample_submission.csv", "folds.parquet", "packed_train.parquet",
                  "packed_test.parquet"):
@@ -55,9 +57,15 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
     assert len(holdout) == 30 and not set(holdout["id"]) & set(train["id"])
     fidelity = json.loads((run / "merged" / "fidelity.json").read_text())
     assert fidelity["rows"] == 30 and fidelity["naive_weight_error"]["relative_frobenius"] > 0
+    quantised = json.loads((run / "quantized" / "fidelity.json").read_text())
+    assert quantised["rows"] == 30 and quantised["kl_mean"] <= 1e-3 and quantised["kernel"] == "gptq_torch"
+    submission = pd.read_csv(run / "submission.csv")
+    test = parsing.read_competition(run / "data" / "test.csv").frame
+    assert submission["id"].tolist() == test["id"].tolist()
+    assert parsing.validate_file(run / "submission.csv", test_path=run / "data" / "test.csv").ok
 
     again = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
-    assert again.returncode == 0 and again.stdout.count("already done") == 8
+    assert again.returncode == 0 and again.stdout.count("already done") == 10
     (run / "data" / "packed_test.parquet").unlink()  # a finished stage whose output went missing runs again
     healed = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert "[pack] outputs missing" in healed.stdout and (run / "data" / "packed_test.parquet").exists()
@@ -86,6 +94,9 @@ def test_default_demo_trains_the_real_teacher_and_writes_oof_logits(tmp_path):
     assert fit["model"]["model_dir"] == str(zoo.models_cache() / "gemma3-270m")  # resolved from zoo:…
     saved = json.loads((run / "config" / "teacher.json").read_text())
     assert saved["teacher"]["model"]["model_dir"] == "zoo:gemma3-270m"  # the config stays portable
+    quantised = json.loads((run / "quantized" / "fidelity.json").read_text())  # passed the default thresholds
+    assert quantised["kl_mean"] <= 1e-3 and quantised["argmax_agreement"] >= 0.98
+    assert parsing.validate_file(run / "submission.csv", test_path=run / "data" / "test.csv").ok
 
 
 def test_demo_config_with_unknown_key_is_refused(tmp_path):

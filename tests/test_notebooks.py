@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import nbformat
@@ -74,7 +75,7 @@ def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
     assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
 
     # 02 and 03 continue the same run: distil a tiny student from the teacher's OOF logits, then merge it
-    student = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "tiny-student", hidden=48)
+    student = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "tiny-student")
     common = {"run_dir": str(run_dir), "max_length": 128}
     pm.execute_notebook(str(NOTEBOOKS / "02_distillation.ipynb"), str(tmp_path / "out02.ipynb"),
                         parameters=common | {"model_dir": str(student), "lora_r": 4, "lora_alpha": 8, "max_steps": 3,
@@ -99,3 +100,18 @@ def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
     outputs = [o for c in executed.cells for o in c.get("outputs", [])]
     assert any("naive A/B average, weight error" in o.get("text", "") for o in outputs)
     assert any("image/png" in o.get("data", {}) for o in outputs)
+
+    # 04 quantises the merged student and runs the two orders on a small share. The 3-step tiny student is
+    # uniform to ~1e-3 (argmax = rounding noise), so agreement is not checked; KL is.
+    pm.execute_notebook(str(NOTEBOOKS / "04_quantization.ipynb"), str(tmp_path / "out04.ipynb"),
+                        parameters=common | {"holdout_csv": str(holdout), "group_size": 32, "calib_rows": 16,
+                                             "calib_max_length": 128, "min_agreement": 0.0, "device": "cpu",
+                                             "compare_orders": True, "orders_model_dir": str(student),
+                                             "orders_rows": 200, "orders_max_steps": 3},
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    assert json.loads((run_dir / "quantized" / "fidelity.json").read_text())["kl_mean"] <= 1e-3
+    executed = nbformat.read(tmp_path / "out04.ipynb", as_version=4)
+    outputs = [o for c in executed.cells for o in c.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the KL histogram
+    tables = " ".join(o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "GPTQ (gptq_torch)" in tables and "QLoRA on nf4 base" in tables

@@ -226,3 +226,13 @@ def test_both_orders_side_by_side_at_toy_scale(tmp_path, tokenizer, synth_frame)
     assert gptq.disk_mib < sixteen.disk_mib and abs(gptq.log_loss - sixteen.log_loss) < 0.01
     assert qlora.memory_mib < sixteen.memory_mib  # the nf4 base is 4-bit in memory
     assert table.attrs["test_rows"] == 120 and (tmp_path / "work" / "qlora" / "adapter").exists()
+
+
+def test_widths_gptq_cannot_pack_are_refused_up_front(tmp_path, tokenizer):
+    base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "b48", hidden=48)
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).save_pretrained(tmp_path / "c48")
+    modeling.load_tokenizer(base).save_pretrained(tmp_path / "c48")
+    with pytest.raises(ValueError, match="multiples of 32.*'q_proj in': 48"):
+        quantize.quantize(tmp_path / "c48", tmp_path / "x", [[1, 2, 3]], CFG, device="cpu")
