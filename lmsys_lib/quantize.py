@@ -370,7 +370,7 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
                 folder, dtype=dtype, output_loading_info=True, **_placement(device),
                 quantization_config=GPTQConfig(bits=config["quantization_config"]["bits"], backend=kernel),
                 attn_implementation=attention_for(_ns(config), "auto"))
-        except (ValueError, RuntimeError, ImportError, NotImplementedError) as err:
+        except Exception as err:  # a kernel that cannot build or run here (no CUDA, no compiler, wrong dtype)
             failures.append(f"{kernel}: {str(err).splitlines()[0][:200]}")
             continue
         missing = sorted(info["missing_keys"])
