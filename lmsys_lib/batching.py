@@ -42,6 +42,27 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i: i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
+def token_budget_batches(lengths: Sequence[int], token_budget: int, max_rows: int = 256) -> list[list[int]]:
+    """Rows sorted by length (longest first) in batches whose padded size — rows × longest row — stays
+    within ``token_budget`` (at most ``max_rows`` rows); a row longer than the budget gets a batch alone.
+    Deterministic in (lengths, budget, max_rows)."""
+    if token_budget < 1 or max_rows < 1:
+        raise ValueError("token_budget and max_rows must be >= 1")
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for row in order.tolist():
+        longest = int(lengths[current[0]]) if current else int(lengths[row])
+        if current and ((len(current) + 1) * longest > token_budget or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(row)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def random_batches(n: int, batch_size: int, seed: int, epoch: int = 0) -> list[list[int]]:
     """Shuffled rows in fixed-size batches, no length grouping (the naive baseline)."""
     order = np.random.default_rng([seed, epoch]).permutation(n)

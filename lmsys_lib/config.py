@@ -317,6 +317,34 @@ class QuantizeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """The offline inference kernel (``lmsys_lib.inference``).
+
+    Rows are packed with ``pack`` (the model's training format), sorted by length and batched under
+    ``token_budget`` padded tokens. ``tta`` also scores every row with A and B swapped and averages the
+    un-permuted probabilities. The deadline guard projects the finish from measured throughput and, when it
+    would pass ``time_budget_s``, degrades in order: no TTA for the remaining rows, then ``degrade_max_length``,
+    then the prior for what is left. Predictions are checkpointed every ``checkpoint_every`` rows.
+    """
+
+    pack: PackConfig = PackConfig(max_length=2048)
+    token_budget: int = 16384  # padded tokens per forward (rows × longest row)
+    max_batch_rows: int = 64
+    tta: bool = True
+    time_budget_s: float = 9 * 3600 - 45 * 60  # Kaggle's 9 h minus 45 min: blur (15), start-up, writing
+    degrade_max_length: int = 1024
+    checkpoint_every: int = 1000  # rows between checkpoints (whole batches)
+    rule_priors: bool = True  # empty / null / identical responses get the prior measured on train data
+
+    def __post_init__(self) -> None:
+        _check(self.token_budget >= 16 and self.max_batch_rows >= 1, "token_budget >= 16, max_batch_rows >= 1")
+        _check(self.time_budget_s > 0, "time_budget_s must be > 0")
+        _check(16 <= self.degrade_max_length <= self.pack.max_length,
+               "degrade_max_length must be in [16, pack.max_length]")
+        _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default.
 

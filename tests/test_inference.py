@@ -1,0 +1,297 @@
+"""The inference kernel on CPU with a tiny real-architecture classifier: order, TTA mirror, resume,
+deadline guard, NaN and OOM handling, awkward rows, rule priors, the `lmsys predict` command."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lmsys_lib import batching, inference, modeling, parsing
+from lmsys_lib.config import InferenceConfig, PackConfig
+
+CFG = InferenceConfig(pack=PackConfig(max_length=128), token_budget=1024, max_batch_rows=16, degrade_max_length=96,
+                      checkpoint_every=20, rule_priors=False)  # rules have their own tests
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tokenizer):
+    """A tiny 4-layer Llama classifier with a head of std 0.5: its probabilities vary from row to row (row std
+    ≈ 0.2; with 2 layers the last token barely sees the content and every row looks alike)."""
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path_factory.mktemp("infer")
+    base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), out / "base", layers=4)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3, dtype=torch.float32)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 0.5)
+    model.save_pretrained(out / "cls")
+    modeling.load_tokenizer(base).save_pretrained(out / "cls")
+    return out / "cls"
+
+
+@pytest.fixture()
+def loaded(classifier):
+    models, tok, _ = inference.load_models(classifier, inference.devices_for("cpu"), log=lambda _: None)
+    return models[0], tok
+
+
+def _predict(model, tok, frame, cfg=CFG, **kw):
+    kw.setdefault("log", lambda _: None)
+    return inference.predict_proba(model, tok, frame, cfg, progress=False, **kw)
+
+
+def test_token_budget_batches_cover_every_row_once_within_budget():
+    lengths = np.random.default_rng(0).integers(5, 300, size=500)
+    batches = batching.token_budget_batches(lengths, 1024, max_rows=16)
+    rows = sorted(r for b in batches for r in b)
+    assert rows == list(range(500))
+    for b in batches:
+        assert len(b) <= 16 and (len(b) == 1 or len(b) * lengths[b].max() <= 1024)
+    longest = [lengths[b].max() for b in batches]
+    assert longest == sorted(longest, reverse=True)  # longest first: OOM shows up at the start
+    assert batching.pad_waste(lengths, batches) < 0.05
+
+
+def test_output_follows_input_order_for_shuffled_rows(loaded, synth_frame):
+    model, tok = loaded
+    frame = synth_frame.iloc[:80]
+    probs, report = _predict(model, tok, frame)
+    shuffled = frame.sample(frac=1.0, random_state=1)
+    again, _ = _predict(model, tok, shuffled)
+    by_id = dict(zip(frame["id"], probs))
+    np.testing.assert_allclose(again, np.array([by_id[i] for i in shuffled["id"]]), atol=1e-5)
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1) and report["sources"] == {"model": 80}
+    assert probs.std(axis=0).max() > 0.05  # rows differ: an order mistake would show
+
+
+def test_swap_tta_gives_exactly_mirrored_probabilities(loaded, synth_frame):
+    model, tok = loaded
+    frame = synth_frame.iloc[:60]
+    probs, _ = _predict(model, tok, frame)
+    mirrored, _ = _predict(model, tok, parsing.swap_frame(frame))
+    assert np.array_equal(mirrored, parsing.swap_probs(probs))  # bit for bit
+    plain, _ = _predict(model, tok, frame, InferenceConfig(**{**CFG.__dict__, "tta": False}))
+    assert not np.allclose(plain, probs)  # TTA does change the numbers of an asymmetric model
+
+
+class _Interrupt:
+    """Raises KeyboardInterrupt (a user stopping the kernel) on the n-th forward call."""
+
+    def __init__(self, model, n):
+        self.calls, self.n = 0, n
+        self.handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+
+
+def test_killed_run_resumes_to_the_identical_file(loaded, synth_frame, tmp_path):
+    model, tok = loaded
+    frame = synth_frame.iloc[:120]
+    probs, _ = _predict(model, tok, frame)
+    whole = inference.write_submission(frame["id"], probs, tmp_path / "whole.csv")
+    stop = _Interrupt(model, 9)
+    with pytest.raises(KeyboardInterrupt):
+        _predict(model, tok, frame, work_dir=tmp_path / "work")
+    stop.handle.remove()
+    saved = sum(len(pd.read_parquet(p)) for p in (tmp_path / "work" / "predictions").glob("part-*.parquet"))
+    assert 0 < saved < 120
+    resumed, report = _predict(model, tok, frame, work_dir=tmp_path / "work")
+    again = inference.write_submission(frame["id"], resumed, tmp_path / "resumed.csv")
+    assert whole.read_bytes() == again.read_bytes()
+    assert report["sources"] == {"model": 120}
+    parts = pd.concat(pd.read_parquet(p) for p in (tmp_path / "work" / "predictions").glob("part-*.parquet"))
+    assert sorted(parts["position"]) == list(range(120))  # no row lost or duplicated
+    with pytest.raises(ValueError, match="other rows or settings"):
+        _predict(model, tok, synth_frame.iloc[:50], work_dir=tmp_path / "work")
+
+
+def _fake_clock(step):
+    ticks = itertools.count()
+    return lambda: next(ticks) * step
+
+
+def test_deadline_guard_degrades_in_declared_steps_and_writes_a_full_file(loaded, synth_frame, tmp_path):
+    model, tok = loaded
+    frame = synth_frame.iloc[:150]
+    cfg = InferenceConfig(**{**CFG.__dict__, "time_budget_s": 30.0, "token_budget": 512})
+    said = []
+    probs, report = _predict(model, tok, frame, cfg, clock=_fake_clock(1.0), log=said.append)
+    assert report["steps"] == ["no-tta", "short", "prior"], said
+    sources = report["sources"]
+    assert set(sources) == {"model", "model:no-tta", "model:no-tta:len96", "prior:deadline"}, sources
+    assert sum(sources.values()) == 150
+    path = inference.write_submission(frame["id"], probs, tmp_path / "submission.csv")
+    assert parsing.check_submission(pd.read_csv(path), frame["id"].tolist()) == []
+    assert any("TTA dropped" in s for s in said) and any("max_length 96" in s for s in said)
+
+
+def test_a_budget_already_spent_gives_priors_for_everything(loaded, synth_frame):
+    model, tok = loaded
+    cfg = InferenceConfig(**{**CFG.__dict__, "time_budget_s": 0.5})
+    probs, report = _predict(model, tok, synth_frame.iloc[:30], cfg, clock=_fake_clock(1.0))
+    assert report["steps"] == ["prior"] and report["sources"] == {"prior:deadline": 30}
+    assert np.allclose(probs, 1 / 3)
+
+
+class _NaNOnce:
+    """Sets the logits of the first ``times`` forward calls to NaN (an fp16 overflow)."""
+
+    def __init__(self, model, times):
+        self.left = times
+        self.handle = model.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        if self.left > 0:
+            self.left -= 1
+            output.logits = torch.full_like(output.logits, float("nan"))
+        return output
+
+
+def test_a_nan_batch_is_recomputed_and_a_hopeless_row_gets_the_prior(loaded, synth_frame):
+    model, tok = loaded
+    frame = synth_frame.iloc[:20]
+    clean, _ = _predict(model, tok, frame, InferenceConfig(**{**CFG.__dict__, "tta": False}))
+    hook = _NaNOnce(model, 1)
+    cfg = InferenceConfig(**{**CFG.__dict__, "tta": False, "token_budget": 100000, "max_batch_rows": 64})  # one batch
+    said = []
+    probs, report = _predict(model, tok, frame, cfg, log=said.append)
+    hook.handle.remove()
+    assert report["nan_rows"] == 20 and report["sources"] == {"model:no-tta": 20}
+    np.testing.assert_allclose(probs, clean, atol=1e-5)
+    assert any("recomputing them one by one in fp32" in s for s in said)
+    assert next(model.parameters()).dtype == torch.float32
+
+    hook = _NaNOnce(model, 10**6)  # never recovers
+    probs, report = _predict(model, tok, frame, cfg, priors={**inference.uniform_priors(), "overall": [0.3, 0.3, 0.4]})
+    hook.handle.remove()
+    assert report["sources"] == {"prior:non-finite": 20} and len(report["prior_rows"]) == 20
+    assert np.allclose(probs, [0.3, 0.3, 0.4])
+
+
+class _OOMAbove:
+    def __init__(self, model, rows):
+        self.rows, self.raised = rows, 0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > self.rows:
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_out_of_memory_splits_the_batch(loaded, synth_frame):
+    model, tok = loaded
+    frame = synth_frame.iloc[:40]
+    clean, _ = _predict(model, tok, frame)
+    oom = _OOMAbove(model, 3)
+    probs, report = _predict(model, tok, frame)
+    oom.handle.remove()
+    assert oom.raised > 0 and report["oom_splits"] >= oom.raised
+    np.testing.assert_allclose(probs, clean, atol=1e-5)
+
+
+def _awkward_frame(tmp_path):
+    huge = "word " * 10_000  # 50k characters
+    rows = [
+        ("a1", ["Hi?"], [None], [None]),  # both responses null
+        ("a2", ["Hi?"], [""], ["Hello!"]),  # empty string A
+        ("a3", ["Explain."], [huge], ["Short."]),
+        ("a4", [f"turn {i}" for i in range(20)], [f"a{i}" for i in range(20)], [f"b{i}" for i in range(20)]),
+        ("a5", ["Bad \ud83d surrogate"], ["x \udc00 y"], ["fine"]),
+        ("a6", ["Same?"], ["Same answer."], ["Same answer."]),
+        ("a7", ["Q"], ["A" * 3], [None]),
+    ]
+    raw = pd.DataFrame({"id": [r[0] for r in rows],
+                        "prompt": [parsing.encode_cell(r[1]) for r in rows],
+                        "response_a": [parsing.encode_cell(r[2]) for r in rows],
+                        "response_b": [parsing.encode_cell(r[3]) for r in rows]})
+    path = tmp_path / "awkward.csv"
+    raw.to_csv(path, index=False)
+    return path
+
+
+def test_awkward_rows_all_get_valid_probabilities(loaded, tmp_path):
+    model, tok = loaded
+    frame = parsing.read_competition(_awkward_frame(tmp_path), on_bad_cell="text").frame
+    for rule_priors in (True, False):
+        cfg = InferenceConfig(**{**CFG.__dict__, "rule_priors": rule_priors})
+        probs, report = _predict(model, tok, frame, cfg)
+        assert probs.shape == (7, 3) and np.isfinite(probs).all() and np.allclose(probs.sum(1), 1)
+        assert ((probs >= 0) & (probs <= 1)).all()
+    assert report["sources"] == {"model": 7}  # without rules the model scores even the empty rows
+
+
+def test_rule_priors_are_measured_on_train_rows(synth_frame):
+    frame = synth_frame.copy()
+    rules = inference.rules_of(frame)
+    priors = inference.measure_priors(frame)
+    assert set(inference.RULES) <= set(priors) and priors["rows"] == len(frame)
+    for rule in inference.RULES:
+        assert np.isclose(sum(priors[rule]), 1.0)
+    assert priors["b_empty"] == [priors["a_empty"][i] for i in parsing.AB_SWAP]
+    assert priors["identical"][0] == priors["identical"][1]
+    a_empty = [lab for r, lab in zip(rules, frame["label"]) if r == "a_empty"]
+    b_empty = [lab for r, lab in zip(rules, frame["label"]) if r == "b_empty"]
+    assert priors["counts"]["a_empty"] == len(a_empty) + len(b_empty)
+
+
+def test_rule_rows_take_the_prior_when_on(loaded, tmp_path):
+    model, tok = loaded
+    frame = parsing.read_competition(_awkward_frame(tmp_path), on_bad_cell="text").frame
+    priors = {**inference.uniform_priors(), "both_empty": [0.1, 0.1, 0.8], "a_empty": [0.05, 0.9, 0.05],
+              "b_empty": [0.9, 0.05, 0.05], "identical": [0.2, 0.2, 0.6]}
+    probs, report = _predict(model, tok, frame, InferenceConfig(**{**CFG.__dict__, "rule_priors": True}),
+                             priors=priors)
+    by_id = dict(zip(frame["id"], probs))
+    assert np.allclose(by_id["a1"], [0.1, 0.1, 0.8]) and np.allclose(by_id["a2"], [0.05, 0.9, 0.05])
+    assert np.allclose(by_id["a6"], [0.2, 0.2, 0.6]) and np.allclose(by_id["a7"], [0.9, 0.05, 0.05])
+    assert report["sources"]["model"] == 3
+
+
+def test_lmsys_predict_writes_a_valid_submission_for_the_real_sample(classifier, real_sample, tmp_path, synth_dir):
+    from lmsys_lib import cli
+
+    out = tmp_path / "submission.csv"
+    code = cli.main(["predict", "--model", str(classifier), "--data", str(real_sample / "test.csv"), "--out", str(out),
+                     "--max-length", "256", "--devices", "cpu:2", "--priors-from", str(synth_dir / "train.csv"),
+                     "--time-budget", "1h"])
+    assert code == 0
+    test = parsing.read_competition(real_sample / "test.csv").frame
+    assert parsing.check_submission(pd.read_csv(out), test["id"].tolist()) == []
+    report = json.loads((tmp_path / "predict" / "predictions" / "report.json").read_text())
+    assert report["workers"] == 2 and report["rows"] == len(test)
+
+
+def test_two_cpu_workers_agree_with_one(classifier, synth_frame):
+    models, tok, _ = inference.load_models(classifier, inference.devices_for("cpu:2"), log=lambda _: None)
+    assert len(models) == 2 and models[0] is not models[1]
+    frame = synth_frame.iloc[:60]
+    one, _ = _predict(models[0], tok, frame)
+    two, report = _predict(models, tok, frame)
+    np.testing.assert_allclose(two, one, atol=1e-6)
+    assert report["workers"] == 2
+
+
+def test_durations_parse():
+    assert inference.parse_duration("9h") == 32400 and inference.parse_duration("8h15m") == 29700
+    assert inference.parse_duration("90") == 90 and inference.parse_duration(45.0) == 45.0
+    with pytest.raises(ValueError, match="duration"):
+        inference.parse_duration("soon")
+
+
+def test_synthetic_lengths_pad_waste_is_small(tokenizer, synth_frame):
+    from lmsys_lib.prompting import Packer
+
+    lengths = Packer(tokenizer, PackConfig(max_length=512)).pack_frame(synth_frame)["n_tokens"].to_numpy()
+    batches = batching.token_budget_batches(lengths, 8192, 64)
+    assert batching.pad_waste(lengths, batches) <= 0.05
