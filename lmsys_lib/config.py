@@ -372,6 +372,8 @@ class DemoConfig:
     holdout_rows: int = 100  # labelled rows no stage trains on (merge and quantisation fidelity)
     # SmolLM2-135M's widths (576, 1536) are multiples of 64, not of 128
     quantize: QuantizeConfig = QuantizeConfig(group_size=64, calib_rows=64, calib_max_length=128)
+    inference: InferenceConfig = InferenceConfig(pack=PackConfig(max_length=128), token_budget=4096,
+                                                 degrade_max_length=128, checkpoint_every=64)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DemoConfig:

@@ -16,7 +16,8 @@ config in the same folder is refused unless forced):
                fidelity report against the fold ensemble on the holdout rows → merged/fidelity.json
     quantize   the merged student GPTQ-quantised to 8 bits (head kept 16-bit) → quantized/, with the
                fidelity report against the merged model on the holdout rows → quantized/fidelity.json
-    predict    the quantised student scores test.csv → submission.csv (validated against test.csv)
+    predict    the quantised student scores test.csv through the inference kernel (swap-TTA, deadline guard,
+               checkpoints in predict/) → submission.csv (validated against test.csv)
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
         ("quantize", {"student": C.to_dict(cfg.student), "quantize": C.to_dict(cfg.quantize)},
          lambda: stage_quantize(run_dir, cfg.student.pack, cfg.quantize, log),
          [run_dir / "quantized" / "config.json", run_dir / "quantized" / "fidelity.json"]),
-        ("predict", {"student": C.to_dict(cfg.student), "quantize": C.to_dict(cfg.quantize)},
-         lambda: stage_predict(run_dir, cfg.student.pack, log), [run_dir / "submission.csv"]),
+        ("predict", {"student": C.to_dict(cfg.student), "quantize": C.to_dict(cfg.quantize),
+                     "inference": C.to_dict(cfg.inference)},
+         lambda: stage_predict(run_dir, cfg.student.pack, cfg.inference, log), [run_dir / "submission.csv"]),
     ]
     for name, stage_cfg, fn, outputs in stages:
         if not C.claim_stage(run_dir, name, stage_cfg, force=force):
@@ -161,24 +163,25 @@ def stage_quantize(run_dir: Path, pack: C.PackConfig, cfg: C.QuantizeConfig, log
             f"{report['bytes_reference'] / 2**20:.0f} → {report['bytes_quantized'] / 2**20:.0f} MiB")
 
 
-def stage_predict(run_dir: Path, pack: C.PackConfig, log: Callable[[str], None]) -> str:
-    """The quantised student on test.csv → submission.csv (issue-7's kernel will replace this simple loop)."""
-    import pandas as pd
+def stage_predict(run_dir: Path, pack: C.PackConfig, cfg: C.InferenceConfig, log: Callable[[str], None]) -> str:
+    """The quantised student on test.csv through the inference kernel (the training prompt format, swap-TTA,
+    deadline guard, checkpoints in predict/) → submission.csv, validated against test.csv."""
+    import dataclasses
 
-    from .metrics import softmax
-    from .modeling import predict_logits
+    from . import inference
 
-    model, tokenizer, info = quantize.load_quantized(run_dir / "quantized", quantize.resolve_device("auto"), log=log)
-    test = parsing.read_competition(run_dir / "data" / "test.csv").frame
-    ids = list(prompting.Packer(tokenizer, pack).pack_frame(test)["input_ids"])
-    probs = softmax(predict_logits(model, ids, tokenizer.pad_token_id, 8, info["device"]))
-    path = run_dir / "submission.csv"
-    pd.DataFrame({"id": test["id"], "winner_model_a": probs[:, 0], "winner_model_b": probs[:, 1],
-                  "winner_tie": probs[:, 2]}).to_csv(path, index=False)
-    report = parsing.validate_file(path, test_path=run_dir / "data" / "test.csv")
-    if not report.ok:
-        raise parsing.DataError(str(path), [p for p in report.problems if p.fatal])
-    return f"{len(test)} test rows scored by the quantised student ({info['kernel']}) → {path}"
+    cfg = dataclasses.replace(cfg, pack=dataclasses.replace(pack, max_length=cfg.pack.max_length))
+    models, tokenizer, info = inference.load_models(run_dir / "quantized", inference.devices_for("auto"), log=log)
+    priors = inference.measure_priors(parsing.read_competition(run_dir / "data" / "train.csv").frame)
+    test = parsing.read_competition(run_dir / "data" / "test.csv", on_bad_cell="text").frame
+    probs, report = inference.predict_proba(models, tokenizer, test, cfg, work_dir=run_dir / "predict",
+                                            priors=priors, log=log)
+    path = inference.write_submission(test["id"].tolist(), probs, run_dir / "submission.csv")
+    report_ok = parsing.validate_file(path, test_path=run_dir / "data" / "test.csv")
+    if not report_ok.ok:
+        raise parsing.DataError(str(path), [p for p in report_ok.problems if p.fatal])
+    return (f"{len(test)} test rows scored by the quantised student ({info['kernel']}, TTA "
+            f"{'on' if cfg.tta else 'off'}) → {path}; sources {report['sources']}")
 
 
 def _folds_line(report: Any) -> str:

@@ -63,6 +63,14 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
     test = parsing.read_competition(run / "data" / "test.csv").frame
     assert submission["id"].tolist() == test["id"].tolist()
     assert parsing.validate_file(run / "submission.csv", test_path=run / "data" / "test.csv").ok
+    from conftest import REAL_SAMPLE  # the demo's quantised student on the real competition rows
+
+    if (REAL_SAMPLE / "test.csv").exists():
+        out = tmp_path / "real" / "submission.csv"
+        proc = _lmsys("predict", "--model", str(run / "quantized"), "--data", str(REAL_SAMPLE / "test.csv"),
+                      "--out", str(out), "--max-length", "128", "--priors-from", str(run / "data" / "train.csv"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert parsing.validate_file(out, test_path=REAL_SAMPLE / "test.csv").ok
 
     again = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert again.returncode == 0 and again.stdout.count("already done") == 10

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-LIGHT = ("config", "parsing", "prompting", "synthetic", "metrics", "eda", "kaggle", "zoo", "cli")
+LIGHT = ("config", "parsing", "prompting", "synthetic", "metrics", "eda", "kaggle", "zoo", "cli", "notebook", "quantize",
+         "inference", "batching")
 
 
 def test_light_modules_do_not_import_torch():

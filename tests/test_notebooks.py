@@ -115,3 +115,27 @@ def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the KL histogram
     tables = " ".join(o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "GPTQ (gptq_torch)" in tables and "QLoRA on nf4 base" in tables
+
+
+def test_inference_notebook_runs_headless_and_writes_a_valid_submission(synth_dir, tokenizer, tmp_path):
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from lmsys_lib import modeling, parsing
+
+    base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "base")
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).save_pretrained(tmp_path / "cls")
+    modeling.load_tokenizer(base).save_pretrained(tmp_path / "cls")
+    out = tmp_path / "submission.csv"
+    pm.execute_notebook(str(NOTEBOOKS / "05_inference_2xT4.ipynb"), str(tmp_path / "out05.ipynb"),
+                        parameters={"model_dir": str(tmp_path / "cls"), "wheels_dir": str(tmp_path / "no-wheels"),
+                                    "data_dir": str(synth_dir), "out_path": str(out), "work_dir": str(tmp_path / "w"),
+                                    "max_length": 128, "token_budget": 2048, "devices": "cpu", "time_budget": "1h"},
+                        kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    test = parsing.read_competition(synth_dir / "test.csv").frame
+    assert parsing.check_submission(pd.read_csv(out), test["id"].tolist()) == []
+    executed = nbformat.read(tmp_path / "out05.ipynb", as_version=4)
+    text = " ".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
+                    for c in executed.cells for o in c.get("outputs", []))
+    assert "model on cpu" in text and "inference done" in text and "'sources'" in text
