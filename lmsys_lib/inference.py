@@ -190,10 +190,10 @@ def predict_proba(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: Inferen
     log(f"inference: {n} rows, {n - len(todo)} by rule or resumed, {sum(map(len, plan.batches))} to score in "
         f"{len(plan.batches)} batches on {len(models)} worker(s), TTA {'on' if cfg.tta else 'off'}, "
         f"max_length {cfg.pack.max_length}, budget {cfg.time_budget_s / 3600:.2f} h")
-    _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress)
+    error = _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress)
     left = np.flatnonzero(source == "")
-    if len(left):  # nothing may stay empty: the deadline ran out, or a worker died
-        probs[left], source[left] = priors["overall"], "prior:deadline"
+    if len(left):  # nothing may stay empty: the deadline ran out, or every worker died
+        probs[left], source[left] = priors["overall"], "prior:error" if error is not None else "prior:deadline"
         events["prior_rows"] += [frame["id"].iloc[i] for i in left]
     probs = _normalised(probs)
     counts = pd.Series(source).value_counts().to_dict()
@@ -237,14 +237,15 @@ def _padded_tokens(plan: _Plan, batches: list[list[int]]) -> float:
     return float(sum(len(b) * max(len(plan.ids[False][r]) for r in b) for b in batches) * passes)
 
 
-def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress) -> None:
+def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log,
+         progress) -> BaseException | None:
     from tqdm.auto import tqdm
 
     work: queue.Queue = queue.Queue()
     for batch in plan.batches:
         work.put(batch)
     lock = threading.Lock()
-    state = {"plan": plan, "stop": False, "error": None}
+    state = {"plan": plan, "stop": False, "error": None, "remaining": _padded_tokens(plan, plan.batches)}
     total_rows = sum(map(len, plan.batches))
     bar = tqdm(total=total_rows, desc="predict", unit="row", disable=not progress)
 
@@ -256,11 +257,14 @@ def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, stor
             if state["stop"]:
                 return None
             try:
-                return work.get_nowait(), state["plan"]
+                batch = work.get_nowait()
             except queue.Empty:
                 return None
+            state["remaining"] -= _padded_tokens(state["plan"], [batch])
+            return batch, state["plan"]
 
     def worker(model: Any) -> None:
+        item = None
         try:
             while (item := next_batch()) is not None:
                 batch, current = item
@@ -280,12 +284,16 @@ def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, stor
                     if store:
                         store.add(batch, probs[batch], source[batch])
                     bar.update(len(batch))
-                    eta = guard.projected(_padded_tokens(state["plan"], list(work.queue)), len(models))
+                    eta = guard.projected(state["remaining"], len(models))
                     if eta is not None:
                         bar.set_postfix_str(f"finish ≈ {eta / 60:.1f} min of {cfg.time_budget_s / 60:.0f}")
         except BaseException as err:  # noqa: BLE001 — reported; the other worker and the prior fallback finish
             with lock:
                 state["error"] = err
+                if item is not None and item[1] is state["plan"] and not isinstance(err, KeyboardInterrupt):
+                    # its batch goes back to the queue (unless the plan was re-packed meanwhile)
+                    work.put(item[0])
+                    state["remaining"] += _padded_tokens(item[1], [item[0]])
             log(f"worker on {getattr(model, 'device', '?')} stopped: {type(err).__name__}: {err}")
 
     threads = [threading.Thread(target=worker, args=(m,), daemon=True) for m in models]
@@ -296,24 +304,26 @@ def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, stor
     bar.close()
     if store:
         store.flush()
-    if state["error"] is not None and isinstance(state["error"], KeyboardInterrupt):
+    if isinstance(state["error"], KeyboardInterrupt):
         raise state["error"]
+    return state["error"]
 
 
 def _degrade(frame, tokenizer, cfg, guard, state, work, workers, log) -> None:
     """Called (under the lock) before each batch: take the next declared step while the projection
     exceeds the budget."""
     plan: _Plan = state["plan"]
-    remaining = list(work.queue)
     if guard.elapsed() > cfg.time_budget_s:
         state["stop"] = True
-        guard.step("prior", f"time budget spent with {sum(map(len, remaining))} rows left: they get the prior")
+        guard.step("prior", f"time budget spent with {sum(map(len, work.queue))} rows left: they get the prior")
         return
-    projected = guard.projected(_padded_tokens(plan, remaining), workers)
+    projected = guard.projected(state["remaining"], workers)  # a running total: O(1) per batch
     if projected is None or projected <= cfg.time_budget_s:
         return
+    remaining = list(work.queue)
     if plan.tta:
         state["plan"] = dataclasses.replace(plan, tta=False)
+        state["remaining"] = _padded_tokens(state["plan"], remaining)
         guard.step("no-tta", f"projected {projected / 60:.1f} min > budget {cfg.time_budget_s / 60:.1f} min: "
                              f"TTA dropped for the remaining {sum(map(len, remaining))} rows")
         return
@@ -325,6 +335,7 @@ def _degrade(frame, tokenizer, cfg, guard, state, work, workers, log) -> None:
         for batch in short.batches:
             work.put(batch)
         state["plan"] = short
+        state["remaining"] = _padded_tokens(short, short.batches)
         guard.step("short", f"projected {projected / 60:.1f} min: the remaining {len(rows)} rows re-packed at "
                             f"max_length {cfg.degrade_max_length}")
         return

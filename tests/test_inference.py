@@ -295,3 +295,20 @@ def test_synthetic_lengths_pad_waste_is_small(tokenizer, synth_frame):
     lengths = Packer(tokenizer, PackConfig(max_length=512)).pack_frame(synth_frame)["n_tokens"].to_numpy()
     batches = batching.token_budget_batches(lengths, 8192, 64)
     assert batching.pad_waste(lengths, batches) <= 0.05
+
+
+def test_a_crashing_worker_leaves_its_rows_to_the_other_and_none_is_lost(classifier, synth_frame):
+    models, tok, _ = inference.load_models(classifier, inference.devices_for("cpu:2"), log=lambda _: None)
+
+    def crash(module, args):
+        raise RuntimeError("device lost (simulated)")
+
+    handle = models[1].register_forward_pre_hook(crash)
+    said = []
+    probs, report = _predict(models, tok, synth_frame.iloc[:40], log=said.append)
+    assert report["sources"] == {"model": 40}  # the healthy worker took every batch
+    assert any("stopped: RuntimeError: device lost" in s for s in said)
+    handle.remove()
+    models[0].register_forward_pre_hook(crash)
+    probs, report = _predict(models[0], tok, synth_frame.iloc[:40])
+    assert report["sources"] == {"prior:error": 40} and np.isfinite(probs).all()
