@@ -435,13 +435,13 @@ def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[st
     (the kernel recorded for the device), a plain checkpoint in fp16 on pre-Ampere GPUs (a T4 has no bf16),
     bf16 on newer ones, fp32 on a CPU. Prints the device map of each model and warns if any part is off
     its device."""
-    import json as _json
-
     from .modeling import attention_for, dtype_for, load_tokenizer
 
     model_dir = Path(model_dir)
-    config = _json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    trained = config.get("dtype") or config.get("torch_dtype")
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    sidecar = model_dir / "quantize.json"  # a GPTQ checkpoint remembers the dtype of the model it came from
+    trained = (json.loads(sidecar.read_text(encoding="utf-8")).get("source_dtype") if sidecar.exists() else None) \
+        or config.get("dtype") or config.get("torch_dtype")
     models, info = [], {}
     for device in devices:
         if config.get("quantization_config"):

@@ -290,7 +290,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     problems = _layout_problems(tensor_shapes(tmp))
     if problems:
         raise RuntimeError(f"quantised checkpoint has the wrong layout: {'; '.join(problems)}")
-    sidecar = {"source": str(model_dir), "settings": dataclasses.asdict(cfg), "calibration": calib_summary or
+    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "") or "").split(".")[-1]
+    sidecar = {"source": str(model_dir), "source_dtype": source_dtype, "settings": dataclasses.asdict(cfg), "calibration": calib_summary or
                {"rows": len(calib_ids)}, "device": str(device), "dtype": str(dtype).split(".")[-1],
                "quantize_seconds": round(seconds, 2), "kernels": KERNELS, "versions": _versions(),
                "kernel_notes": "CUDA: GPTQ Marlin first (a T4, sm75, needs fp16; it is JIT-compiled on first use "

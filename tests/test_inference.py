@@ -312,3 +312,25 @@ def test_a_crashing_worker_leaves_its_rows_to_the_other_and_none_is_lost(classif
     models[0].register_forward_pre_hook(crash)
     probs, report = _predict(models[0], tok, synth_frame.iloc[:40])
     assert report["sources"] == {"prior:error": 40} and np.isfinite(probs).all()
+
+
+def test_gemma2_runs_eager_and_keeps_its_bf16_embedding_scale_in_fp16(tmp_path, tokenizer):
+    """Gemma-2 soft-caps attention logits (SDPA would drop the cap: eager is chosen), and scales embeddings
+    by √hidden cast to the weight dtype — √72 is 8.5 in bf16 but 8.484 in fp16; a bf16-trained model run in
+    fp16 on a T4 gets the value it was trained with."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = modeling.save_tiny_checkpoint("gemma2", copy.deepcopy(tokenizer), tmp_path / "g", hidden=72)
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=3, dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "cls")
+    modeling.load_tokenizer(base).save_pretrained(tmp_path / "cls")
+    models, tok, _ = inference.load_models(tmp_path / "cls", inference.devices_for("cpu"), log=lambda _: None)
+    assert models[0].config._attn_implementation == "eager"
+    fp16 = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cls", dtype=torch.float16)
+    embed = fp16.get_input_embeddings()
+    assert float(embed.embed_scale.to(torch.float16)) == pytest.approx(8.484375)
+    said = []
+    inference.match_embed_scale(fp16, "bfloat16", said.append)
+    assert float(embed.embed_scale.to(torch.float16)) == 8.5 and "bf16-rounded" in said[0]
+    inference.match_embed_scale(fp16, "float16", said.append)  # an fp16-trained model is left alone
+    assert len(said) == 1

@@ -74,7 +74,7 @@ def test_quantised_checkpoint_reloads_with_plain_from_pretrained_and_is_faithful
     assert config["quantization_config"]["bits"] == 8 and config["quantization_config"].get("dataset") is None
     side = json.loads((qdir / quantize.SIDECAR).read_text())
     assert side["kernels"]["cpu"] == ["gptq_torch"] and side["kernels"]["cuda"][0] == "gptq_marlin"
-    assert side["calibration"]["rows"] == 48
+    assert side["calibration"]["rows"] == 48 and side["source_dtype"] == "float32"
     held = synth_frame.iloc[600:800]  # never seen by the calibration
     tok = modeling.load_tokenizer(qdir)
     ids = list(Packer(tok, PACK).pack_frame(held)["input_ids"])
