@@ -183,7 +183,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print("no --priors-from: rule rows get the uniform prior (pass train.csv to measure them)", file=sys.stderr)
     models, tokenizer, _ = inference.load_models(args.model, inference.devices_for(args.devices))
     work = Path(args.work_dir) if args.work_dir else Path(args.out).parent / "predict"
-    probs, report = inference.predict_proba(models, tokenizer, test, cfg, work_dir=work, priors=priors)
+    probs, report = inference.score(models, tokenizer, test, cfg, work_dir=work, priors=priors)
     path = inference.write_submission(test["id"].tolist(), probs, args.out)
     print(f"{path}: {len(test)} rows; sources {report['sources']}"
           + (f"; deadline steps {report['steps']}" if report["steps"] else ""))

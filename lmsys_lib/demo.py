@@ -174,7 +174,7 @@ def stage_predict(run_dir: Path, pack: C.PackConfig, cfg: C.InferenceConfig, log
     models, tokenizer, info = inference.load_models(run_dir / "quantized", inference.devices_for("auto"), log=log)
     priors = inference.measure_priors(parsing.read_competition(run_dir / "data" / "train.csv").frame)
     test = parsing.read_competition(run_dir / "data" / "test.csv", on_bad_cell="text").frame
-    probs, report = inference.predict_proba(models, tokenizer, test, cfg, work_dir=run_dir / "predict",
+    probs, report = inference.score(models, tokenizer, test, cfg, work_dir=run_dir / "predict",
                                             priors=priors, log=log)
     path = inference.write_submission(test["id"].tolist(), probs, run_dir / "submission.csv")
     report_ok = parsing.validate_file(path, test_path=run_dir / "data" / "test.csv")

@@ -2,7 +2,8 @@
 
 Contract:
 - ``predict_proba(models, tokenizer, frame, cfg)`` → (n, 3) probabilities in the input order, whatever
-  order the rows come in; every row gets finite probabilities summing to 1.
+  order the rows come in; every row gets finite probabilities summing to 1. ``score`` is the same with the
+  run's report (where each row's numbers came from, steps taken, NaN/OOM events, throughput).
 - Rows are packed once per orientation with our own packer (the training format), sorted by length and cut
   into batches of at most ``token_budget`` padded tokens; each batch is padded only to its longest row.
   The batch plan is a pure function of the rows and the config, so a resumed run computes exactly the
@@ -146,9 +147,15 @@ class _Guard:
 
 
 def predict_proba(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig | None = None,
-                  work_dir: str | Path | None = None, priors: dict[str, Any] | None = None,
-                  log: Callable[[str], None] = print, progress: bool = True,
-                  clock: Callable[[], float] = time.perf_counter) -> tuple[np.ndarray, dict[str, Any]]:
+                  **kwargs: Any) -> np.ndarray:
+    """(n, 3) probabilities of ``frame``'s rows in input order (``score`` without the report)."""
+    return score(models, tokenizer, frame, cfg, **kwargs)[0]
+
+
+def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig | None = None,
+          work_dir: str | Path | None = None, priors: dict[str, Any] | None = None,
+          log: Callable[[str], None] = print, progress: bool = True,
+          clock: Callable[[], float] = time.perf_counter) -> tuple[np.ndarray, dict[str, Any]]:
     """Score every row of ``frame`` (a conversation frame from ``parsing``) → ((n, 3) probabilities in
     input order, report).
 

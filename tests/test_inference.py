@@ -44,7 +44,7 @@ def loaded(classifier):
 
 def _predict(model, tok, frame, cfg=CFG, **kw):
     kw.setdefault("log", lambda _: None)
-    return inference.predict_proba(model, tok, frame, cfg, progress=False, **kw)
+    return inference.score(model, tok, frame, cfg, progress=False, **kw)
 
 
 def test_token_budget_batches_cover_every_row_once_within_budget():
@@ -334,3 +334,10 @@ def test_gemma2_runs_eager_and_keeps_its_bf16_embedding_scale_in_fp16(tmp_path, 
     assert float(embed.embed_scale.to(torch.float16)) == 8.5 and "bf16-rounded" in said[0]
     inference.match_embed_scale(fp16, "float16", said.append)  # an fp16-trained model is left alone
     assert len(said) == 1
+
+
+def test_predict_proba_is_score_without_the_report(loaded, synth_frame):
+    model, tok = loaded
+    frame = synth_frame.iloc[:16]
+    probs = inference.predict_proba(model, tok, frame, CFG, progress=False, log=lambda _: None)
+    assert probs.shape == (16, 3) and np.array_equal(probs, _predict(model, tok, frame)[0])
