@@ -162,15 +162,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .parsing import read_competition
 
     data = json.loads(Path(args.config).read_text()) if args.config else {}
+    if args.pack_config:  # the format the model was trained with; --max-length overrides its length
+        data["pack"] = json.loads(Path(args.pack_config).read_text())
+    if args.max_length is not None:
+        data.setdefault("pack", {})["max_length"] = args.max_length
+    if args.time_budget:
+        data["time_budget_s"] = inference.parse_duration(args.time_budget)
+    if args.tta is not None:
+        data["tta"] = args.tta
+    pack = from_dict(PackConfig, data.get("pack", {}))
+    data["degrade_max_length"] = min(data.get("degrade_max_length", InferenceConfig.degrade_max_length),
+                                     pack.max_length)
     cfg = from_dict(InferenceConfig, data)
-    pack = cfg.pack if args.max_length is None else dataclasses.replace(cfg.pack, max_length=args.max_length)
-    cfg = dataclasses.replace(cfg, pack=pack, tta=cfg.tta if args.tta is None else args.tta,
-                              degrade_max_length=min(cfg.degrade_max_length, pack.max_length),
-                              time_budget_s=inference.parse_duration(args.time_budget) if args.time_budget
-                              else cfg.time_budget_s)
-    if args.pack_config:
-        cfg = dataclasses.replace(cfg, pack=dataclasses.replace(
-            from_dict(PackConfig, json.loads(Path(args.pack_config).read_text())), max_length=pack.max_length))
     result = read_competition(args.data, on_bad_cell="text")  # an undecodable cell stays as raw text: no row lost
     for problem in result.warnings[:20]:
         print(f"warning {problem}", file=sys.stderr)
@@ -187,6 +190,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     path = inference.write_submission(test["id"].tolist(), probs, args.out)
     print(f"{path}: {len(test)} rows; sources {report['sources']}"
           + (f"; deadline steps {report['steps']}" if report["steps"] else ""))
+    if report["errors"]:  # the file is complete and valid, but some rows carry the prior because of errors
+        print(f"WARNING: {len(report['errors'])} error(s) during scoring, e.g. {report['errors'][:2]}; see "
+              f"{work / 'predictions' / 'report.json'}", file=sys.stderr)
     return 0
 
 

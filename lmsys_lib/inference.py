@@ -116,25 +116,33 @@ class _Plan:
 
 
 class _Guard:
-    """Projected finish from measured throughput; declares each degradation step once."""
+    """Projected finish from measured throughput; declares each degradation step once.
 
-    def __init__(self, budget_s: float, clock: Callable[[], float], log: Callable[[str], None]):
+    Each worker's first batch is left out of the rate (CUDA context, kernel selection and compilation make
+    it slow), and no projection is made before ``min_batches`` batches have been measured."""
+
+    def __init__(self, budget_s: float, clock: Callable[[], float], log: Callable[[str], None],
+                 min_batches: int = 1):
         self.budget, self.clock, self.log = budget_s, clock, log
         self.start = clock()
         self.tokens = 0.0
         self.busy = 0.0
+        self.batches = 0
+        self.min_batches = min_batches
         self.steps: list[str] = []
 
-    def record(self, tokens: int, seconds: float) -> None:
+    def record(self, tokens: float, seconds: float) -> None:
         self.tokens += tokens
         self.busy += seconds
+        self.batches += 1
 
     def rate(self) -> float | None:
-        return self.tokens / self.busy if self.busy > 0 and self.tokens > 0 else None
+        ok = self.busy > 0 and self.tokens > 0 and self.batches >= self.min_batches
+        return self.tokens / self.busy if ok else None
 
     def projected(self, remaining_tokens: float, workers: int) -> float | None:
         rate = self.rate()
-        if rate is None:
+        if rate is None or workers < 1:
             return None
         return self.clock() - self.start + remaining_tokens / (rate * workers)
 
@@ -164,32 +172,37 @@ def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig
         tokenizer: the models' tokenizer (its pad id is used for padding).
         cfg: packing, batching, TTA, deadline and checkpoint settings.
         work_dir: where checkpoints go (``predictions/``); None: no checkpoints, no resume.
-        priors: ``measure_priors`` output; None → uniform priors for the rule rows and for fallbacks.
+        priors: ``measure_priors`` output. None: the rule rows are scored by the model (a uniform guess
+            would be worse than the model there) and fallbacks use the uniform prior.
         clock: the deadline guard's clock (tests pass a fake one).
     Returns:
         probabilities and a report: rows per source (model, model without TTA, short, rule, prior),
-        degradation steps, NaN/OOM events, throughput, seconds.
+        degradation steps, NaN/OOM events, errors, throughput, seconds.
     """
     from .prompting import Packer
 
     cfg = cfg or InferenceConfig()
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     Packer(tokenizer, dataclasses.replace(cfg.pack, max_length=cfg.degrade_max_length))  # too short: fail now
+    if priors is None and cfg.rule_priors:
+        log("no measured priors: rule rows (empty / identical responses) are scored by the model")
+    use_rules = cfg.rule_priors and priors is not None
     priors = priors or uniform_priors()
     start = time.perf_counter()
     n = len(frame)
     probs = np.full((n, 3), np.nan)
     source = np.array([""] * n, dtype=object)
-    rules = rules_of(frame) if cfg.rule_priors else [None] * n
+    rules = rules_of(frame) if use_rules else [None] * n
     for i, rule in enumerate(rules):
         if rule is not None:
             probs[i], source[i] = priors[rule], f"rule:{rule}"
-    store = _Store(work_dir, frame, cfg) if work_dir else None
+    store = _Store(work_dir, frame, cfg, models[0], priors if use_rules else None, log) if work_dir else None
     if store:
         for rows, block, how in store.load():
             probs[rows], source[rows] = block, how
     todo = [i for i in range(n) if not source[i]]
-    events: dict[str, Any] = {"nan_rows": 0, "prior_rows": [], "oom_splits": 0}
+    events: dict[str, Any] = {"nan_rows": 0, "prior_rows": [], "oom_splits": 0, "errors": [],
+                              "lock": threading.Lock()}
     guard = _Guard(cfg.time_budget_s, clock, log)
     plan = _plan(frame, todo, tokenizer, cfg, cfg.pack.max_length, cfg.tta)
     if store:
@@ -197,21 +210,22 @@ def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig
     log(f"inference: {n} rows, {n - len(todo)} by rule or resumed, {sum(map(len, plan.batches))} to score in "
         f"{len(plan.batches)} batches on {len(models)} worker(s), TTA {'on' if cfg.tta else 'off'}, "
         f"max_length {cfg.pack.max_length}, budget {cfg.time_budget_s / 3600:.2f} h")
-    error = _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress)
+    _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress)
     left = np.flatnonzero(source == "")
-    if len(left):  # nothing may stay empty: the deadline ran out, or every worker died
-        probs[left], source[left] = priors["overall"], "prior:error" if error is not None else "prior:deadline"
+    if len(left):  # nothing may stay empty: the deadline ran out, or every worker failed
+        probs[left], source[left] = priors["overall"], "prior:error" if events["errors"] else "prior:deadline"
         events["prior_rows"] += [frame["id"].iloc[i] for i in left]
     probs = _normalised(probs)
     counts = pd.Series(source).value_counts().to_dict()
     report = {"rows": n, "sources": {str(k): int(v) for k, v in counts.items()}, "steps": guard.steps,
               "nan_rows": events["nan_rows"], "prior_rows": events["prior_rows"], "oom_splits": events["oom_splits"],
-              "tokens_per_s": guard.rate(), "seconds": round(time.perf_counter() - start, 2),
-              "workers": len(models), "config": to_dict(cfg)}
+              "errors": events["errors"], "tokens_per_s": guard.rate(),
+              "seconds": round(time.perf_counter() - start, 2), "workers": len(models), "config": to_dict(cfg)}
     if store:
         store.finish(report)
     log(f"inference done in {report['seconds']:.1f} s: {report['sources']}"
-        + (f"; steps taken: {guard.steps}" if guard.steps else ""))
+        + (f"; steps taken: {guard.steps}" if guard.steps else "")
+        + (f"; WARNING {len(events['errors'])} error(s): {events['errors'][:3]}" if events["errors"] else ""))
     return probs, report
 
 
@@ -244,23 +258,22 @@ def _padded_tokens(plan: _Plan, batches: list[list[int]]) -> float:
     return float(sum(len(b) * max(len(plan.ids[False][r]) for r in b) for b in batches) * passes)
 
 
-def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log,
-         progress) -> BaseException | None:
+def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress) -> None:
     from tqdm.auto import tqdm
 
     work: queue.Queue = queue.Queue()
     for batch in plan.batches:
         work.put(batch)
     lock = threading.Lock()
-    state = {"plan": plan, "stop": False, "error": None, "remaining": _padded_tokens(plan, plan.batches)}
-    total_rows = sum(map(len, plan.batches))
-    bar = tqdm(total=total_rows, desc="predict", unit="row", disable=not progress)
+    state = {"plan": plan, "stop": False, "remaining": _padded_tokens(plan, plan.batches), "alive": len(models),
+             "racing": False}
+    bar = tqdm(total=sum(map(len, plan.batches)), desc="predict", unit="row", disable=not progress)
 
     def next_batch() -> tuple[list[int], _Plan] | None:
         with lock:
             if state["stop"]:
                 return None
-            _degrade(frame, tokenizer, cfg, guard, state, work, len(models), log)
+            _degrade(frame, tokenizer, cfg, guard, state, work, log)
             if state["stop"]:
                 return None
             try:
@@ -270,62 +283,117 @@ def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, stor
             state["remaining"] -= _padded_tokens(state["plan"], [batch])
             return batch, state["plan"]
 
-    def worker(model: Any) -> None:
-        item = None
+    def finish(batch: list[int], current: _Plan, block: np.ndarray | None, seconds: float, first: bool) -> None:
+        how = "model" if current.tta else "model:no-tta"
+        if current.max_length < cfg.pack.max_length:
+            how += f":len{current.max_length}"
+        with lock:
+            if block is None:  # the batch failed twice on this worker
+                block, labels = np.tile(priors["overall"], (len(batch), 1)), ["prior:error"] * len(batch)
+            else:
+                if not first:  # a worker's first batch carries its warm-up: left out of the rate
+                    guard.record(_padded_tokens(current, [batch]), seconds)
+                bad = ~np.isfinite(block).all(axis=1)
+                block[bad] = priors["overall"]
+                labels = [("prior:non-finite" if b else how) for b in bad]
+            probs[batch] = block
+            source[batch] = labels
+            events["prior_rows"] += [frame["id"].iloc[r] for r, lab in zip(batch, labels) if lab.startswith("prior")]
+            if store:
+                store.add(batch, probs[batch], source[batch])
+            bar.update(len(batch))
+            eta = guard.projected(state["remaining"], state["alive"])
+            if eta is not None:
+                bar.set_postfix_str(f"finish ≈ {eta / 60:.1f} min of {cfg.time_budget_s / 60:.0f}")
+
+    failed_by: dict[tuple[int, ...], set[int]] = {}
+
+    def give_up_or_requeue(batch: list[int], current: _Plan, me: int) -> bool:
+        """After a batch failed twice on worker ``me``: True → it goes back to the queue for another worker
+        that has not failed it; False → it gets the prior."""
+        with lock:
+            tried = failed_by.setdefault(tuple(batch), set())
+            tried.add(me)
+            others = [w for w in alive if w not in tried]
+            if others and current is state["plan"]:
+                work.put(batch)
+                state["remaining"] += _padded_tokens(current, [batch])
+                return True
+            return False
+
+    alive = set(range(len(models)))
+
+    def worker(me: int, model: Any) -> None:
+        first, failures_in_a_row = True, 0
         try:
             while (item := next_batch()) is not None:
                 batch, current = item
-                t0 = guard.clock()
-                block = _score_batch(model, tokenizer, batch, current, events, log)
-                seconds = guard.clock() - t0
-                how = "model" if current.tta else "model:no-tta"
-                if current.max_length < cfg.pack.max_length:
-                    how += f":len{current.max_length}"
-                with lock:
-                    guard.record(_padded_tokens(current, [batch]), seconds)
-                    bad = ~np.isfinite(block).all(axis=1)
-                    block[bad] = priors["overall"]
-                    probs[batch] = block
-                    source[batch] = [("prior:non-finite" if b else how) for b in bad]
-                    events["prior_rows"] += [frame["id"].iloc[r] for r, b in zip(batch, bad) if b]
-                    if store:
-                        store.add(batch, probs[batch], source[batch])
-                    bar.update(len(batch))
-                    eta = guard.projected(state["remaining"], len(models))
-                    if eta is not None:
-                        bar.set_postfix_str(f"finish ≈ {eta / 60:.1f} min of {cfg.time_budget_s / 60:.0f}")
-        except BaseException as err:  # noqa: BLE001 — reported; the other worker and the prior fallback finish
+                block, seconds = None, 0.0
+                for attempt in (1, 2):  # a failing batch is retried once on this worker
+                    t0 = guard.clock()
+                    try:
+                        block = _score_batch(model, tokenizer, batch, current, events, log)
+                        seconds = guard.clock() - t0
+                        break
+                    except Exception as err:  # noqa: BLE001 — reported; the run goes on
+                        with events["lock"]:
+                            events["errors"].append(f"{type(err).__name__}: {str(err)[:200]}")
+                        log(f"batch of {len(batch)} rows failed on worker {me} ({_device(model)}, attempt "
+                            f"{attempt}): {type(err).__name__}: {err}")
+                if block is None:
+                    failures_in_a_row += 1
+                    if give_up_or_requeue(batch, current, me):
+                        if failures_in_a_row >= 2:
+                            log(f"worker {me} failed two batches in a row: it stops, the others go on")
+                            return
+                        continue
+                else:
+                    failures_in_a_row = 0
+                finish(batch, current, block, seconds, first)
+                first = False
+        except BaseException as err:  # KeyboardInterrupt / SystemExit in a worker: stop the run, re-raise
             with lock:
-                state["error"] = err
-                if item is not None and item[1] is state["plan"] and not isinstance(err, KeyboardInterrupt):
-                    # its batch goes back to the queue (unless the plan was re-packed meanwhile)
-                    work.put(item[0])
-                    state["remaining"] += _padded_tokens(item[1], [item[0]])
-            log(f"worker on {getattr(model, 'device', '?')} stopped: {type(err).__name__}: {err}")
+                state["stop"], state["fatal"] = True, err
+        finally:
+            with lock:
+                state["alive"] -= 1
+                alive.discard(me)
 
-    threads = [threading.Thread(target=worker, args=(m,), daemon=True) for m in models]
+    threads = [threading.Thread(target=worker, args=(i, m), daemon=True) for i, m in enumerate(models)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    bar.close()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:  # a user stopping the notebook: let the workers end their batch, save, stop
+        with lock:
+            state["stop"] = True
+        for t in threads:
+            t.join()
+        if store:
+            store.flush()
+        raise
+    finally:
+        bar.close()
     if store:
         store.flush()
-    if isinstance(state["error"], KeyboardInterrupt):
-        raise state["error"]
-    return state["error"]
+    if state.get("fatal") is not None:
+        raise state["fatal"]
 
 
-def _degrade(frame, tokenizer, cfg, guard, state, work, workers, log) -> None:
+def _degrade(frame, tokenizer, cfg, guard, state, work, log) -> None:
     """Called (under the lock) before each batch: take the next declared step while the projection
-    exceeds the budget."""
+    exceeds the budget; in the last stage keep scoring — shortest rows first — until the time is spent."""
     plan: _Plan = state["plan"]
-    if guard.elapsed() > cfg.time_budget_s:
+    rate = guard.rate()
+    nxt = _padded_tokens(plan, [work.queue[0]]) / rate if rate and work.queue else 0.0
+    if guard.elapsed() + nxt > cfg.time_budget_s:
         state["stop"] = True
-        guard.step("prior", f"time budget spent with {sum(map(len, work.queue))} rows left: they get the prior")
+        guard.step("prior", f"time budget reached with {sum(map(len, work.queue))} rows left: they get the prior")
         return
-    projected = guard.projected(state["remaining"], workers)  # a running total: O(1) per batch
-    if projected is None or projected <= cfg.time_budget_s:
+    projected = guard.projected(state["remaining"], state["alive"])
+    if projected is None or projected <= cfg.time_budget_s or state["racing"]:
         return
     remaining = list(work.queue)
     if plan.tta:
@@ -336,9 +404,9 @@ def _degrade(frame, tokenizer, cfg, guard, state, work, workers, log) -> None:
         return
     if plan.max_length > cfg.degrade_max_length:
         rows = sorted(r for b in remaining for r in b)
+        short = _plan(frame, rows, tokenizer, cfg, cfg.degrade_max_length, False)
         with work.mutex:
             work.queue.clear()
-        short = _plan(frame, rows, tokenizer, cfg, cfg.degrade_max_length, False)
         for batch in short.batches:
             work.put(batch)
         state["plan"] = short
@@ -346,9 +414,15 @@ def _degrade(frame, tokenizer, cfg, guard, state, work, workers, log) -> None:
         guard.step("short", f"projected {projected / 60:.1f} min: the remaining {len(rows)} rows re-packed at "
                             f"max_length {cfg.degrade_max_length}")
         return
-    state["stop"] = True
-    guard.step("prior", f"projected {projected / 60:.1f} min even without TTA at max_length "
-                        f"{plan.max_length}: the remaining {sum(map(len, remaining))} rows get the prior")
+    with work.mutex:  # the last stage: as many rows as the time allows, cheapest first
+        work.queue.reverse()
+    state["racing"] = True
+    log(f"deadline guard: projected {projected / 60:.1f} min even without TTA at max_length {plan.max_length}: "
+        "scoring the shortest remaining rows first; what is left at the deadline gets the prior")
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
 
 
 def _score_batch(model: Any, tokenizer: Any, batch: list[int], plan: _Plan, events: dict[str, Any],
@@ -365,57 +439,82 @@ def _score_batch(model: Any, tokenizer: Any, batch: list[int], plan: _Plan, even
 
 def _logits(model: Any, tokenizer: Any, rows: list[Any], events: dict[str, Any],
             log: Callable[[str], None]) -> np.ndarray:
-    """Logits of ``rows`` (fp32 numpy); OOM → halves; non-finite rows → recomputed one by one in fp32."""
+    """Logits of ``rows`` (fp32 numpy); OOM → halves; non-finite rows → recomputed alone in fp32."""
     import torch
 
+    out_of_memory = False
     try:
         logits = _forward(model, tokenizer, rows)
     except torch.OutOfMemoryError:
+        out_of_memory = True  # handled below, outside the except: its traceback would pin the activations
+    if out_of_memory:
+        _free(model)
         if len(rows) == 1:
             log("out of memory on a single row: it gets the prior")
             return np.full((1, 3), np.nan, dtype=np.float32)
-        events["oom_splits"] += 1
-        _free(model)
+        with events["lock"]:
+            events["oom_splits"] += 1
         half = len(rows) // 2
         return np.concatenate([_logits(model, tokenizer, rows[:half], events, log),
                                _logits(model, tokenizer, rows[half:], events, log)])
     bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
     if len(bad):
-        events["nan_rows"] += len(bad)
-        log(f"non-finite logits in {len(bad)} of {len(rows)} rows: recomputing them one by one in fp32")
-        for i in bad:
-            logits[i] = _forward_fp32(model, tokenizer, rows[i])
+        with events["lock"]:
+            events["nan_rows"] += len(bad)
+        log(f"non-finite logits in {len(bad)} of {len(rows)} rows: recomputing them alone in fp32")
+        for i, value in zip(bad, _recompute_fp32(model, tokenizer, [rows[i] for i in bad])):
+            logits[i] = value
     return logits
 
 
 def _forward(model: Any, tokenizer: Any, rows: list[Any]) -> np.ndarray:
     import torch
 
-    device = next(model.parameters()).device
+    device = _device(model)
     batch = collate(rows, tokenizer.pad_token_id)
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
     return out.logits.float().cpu().numpy()
 
 
-def _forward_fp32(model: Any, tokenizer: Any, row: Any) -> np.ndarray:
-    """One row with the model cast to fp32 and back (lossless for fp16/bf16 weights); NaN if that fails."""
+def _recompute_fp32(model: Any, tokenizer: Any, rows: list[Any]) -> list[np.ndarray]:
+    """Each row alone (no padding) with the weights in fp32: floating parameters are swapped for fp32
+    copies and the original tensors put back afterwards (exactly — nothing is cast back); buffers are
+    untouched. A quantised model keeps its weights (its kernels take no fp32): the rows are only re-run
+    alone. A row that still fails comes back as NaN."""
+    quantised = bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None))
+    originals = {}
+    out = []
+    try:
+        if not quantised:
+            for p in model.parameters():
+                if p.is_floating_point() and p.dtype != _fp32():
+                    originals[p] = p.data
+                    p.data = p.data.float()
+        for row in rows:
+            try:
+                out.append(_forward(model, tokenizer, [row])[0])
+            except Exception:  # noqa: BLE001 — no room for fp32, or a kernel without it: the prior
+                out.append(np.full(3, np.nan, dtype=np.float32))
+    except Exception:  # noqa: BLE001 — the fp32 copies did not fit
+        out += [np.full(3, np.nan, dtype=np.float32)] * (len(rows) - len(out))
+    finally:
+        for p, data in originals.items():
+            p.data = data
+        _free(model)
+    return out
+
+
+def _fp32() -> Any:
     import torch
 
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    try:
-        model.float()
-        return _forward(model, tokenizer, [row])[0]
-    except (RuntimeError, ValueError, torch.OutOfMemoryError):  # a kernel without fp32, or no room for it
-        return np.full(3, np.nan, dtype=np.float32)
-    finally:
-        model.to(dtype)
+    return torch.float32
 
 
 def _free(model: Any) -> None:
     import torch
 
-    if next(model.parameters()).device.type == "cuda":
+    if _device(model).type == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -492,21 +591,39 @@ def match_embed_scale(model: Any, trained_dtype: str | None, log: Callable[[str]
 
 
 class _Store:
-    """Finished batches → ``predictions/part-NNNNN.parquet`` (position, id, probabilities, source)."""
+    """Finished batches → ``predictions/part-*.parquet`` (position, id, probabilities, source).
 
-    def __init__(self, work_dir: str | Path, frame: pd.DataFrame, cfg: InferenceConfig):
+    ``run.json`` identifies what the parts belong to — the model (its config and where it was loaded from),
+    every row id, the priors and the settings that change the numbers (not the time budget or the checkpoint
+    interval) — and a run that differs is refused instead of silently reusing another run's predictions.
+    A part that cannot be written (disk full) turns checkpointing off with a warning; scoring goes on."""
+
+    def __init__(self, work_dir: str | Path, frame: pd.DataFrame, cfg: InferenceConfig, model: Any,
+                 priors: dict[str, Any] | None, log: Callable[[str], None]):
+        import hashlib
+        import uuid
+
         self.dir = Path(work_dir) / "predictions"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.cfg = cfg
-        self.every = cfg.checkpoint_every
+        self.every, self.log = cfg.checkpoint_every, log
         self.ids = frame["id"].astype(str).tolist()
         self.pending: list[pd.DataFrame] = []
         self.pending_rows = 0
         self.done: set[int] = set()
-        key = {"config": to_dict(cfg), "rows": len(self.ids), "first": self.ids[:3], "last": self.ids[-3:]}
+        self.session = uuid.uuid4().hex[:8]
+        self.enabled = True
+        settings = {k: v for k, v in to_dict(cfg).items() if k not in ("time_budget_s", "checkpoint_every")}
+        config = getattr(model, "config", None)
+        model_key = (config.to_json_string(use_diff=False) if config is not None else repr(type(model))) + \
+            str(getattr(config, "_name_or_path", ""))
+        key = {"settings": settings, "rows": len(self.ids),
+               "ids_sha1": hashlib.sha1("\n".join(self.ids).encode()).hexdigest(),
+               "model_sha1": hashlib.sha1(model_key.encode()).hexdigest(),
+               "priors": None if priors is None else {k: priors[k] for k in RULES}}
         meta = self.dir / "run.json"
-        if meta.exists() and json.loads(meta.read_text(encoding="utf-8")) != key:
-            raise ValueError(f"{meta} belongs to a run with other rows or settings; use another work dir")
+        if meta.exists() and json.loads(meta.read_text(encoding="utf-8")) != json.loads(json.dumps(key)):
+            raise ValueError(f"{meta} belongs to a run with another model, other rows or other settings; use "
+                             "another work dir (or delete it to start over)")
         meta.write_text(json.dumps(key, indent=2), encoding="utf-8")
 
     def load(self) -> list[tuple[list[int], np.ndarray, list[str]]]:
@@ -521,6 +638,8 @@ class _Store:
         return out
 
     def add(self, rows: list[int], probs: np.ndarray, source: Sequence[str]) -> None:
+        if not self.enabled:
+            return
         self.pending.append(pd.DataFrame({"position": rows, "id": [self.ids[r] for r in rows],
                                           **{c: probs[:, i] for i, c in enumerate(LABEL_COLUMNS)},
                                           "source": list(source)}))
@@ -529,16 +648,23 @@ class _Store:
             self.flush()
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.pending or not self.enabled:
             return
-        index = len(list(self.dir.glob("part-*.parquet")))
-        tmp = self.dir / f"part-{index:05d}.parquet.tmp"
-        pd.concat(self.pending, ignore_index=True).to_parquet(tmp)
-        tmp.rename(self.dir / f"part-{index:05d}.parquet")  # atomic: a part is whole or absent
+        name = f"part-{time.time_ns()}-{self.session}.parquet"  # unique: two runs never overwrite a part
+        tmp = self.dir / (name + ".tmp")
+        try:
+            pd.concat(self.pending, ignore_index=True).to_parquet(tmp)
+            tmp.rename(self.dir / name)  # atomic: a part is whole or absent
+        except OSError as err:
+            self.enabled = False
+            self.log(f"WARNING: checkpoint not written ({err}); checkpointing is off, scoring goes on")
         self.pending, self.pending_rows = [], 0
 
     def finish(self, report: dict[str, Any]) -> None:
-        (self.dir / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        try:
+            (self.dir / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        except OSError as err:
+            self.log(f"WARNING: report not written ({err})")
 
 
 # -- submission ------------------------------------------------------------------------------------

@@ -182,12 +182,12 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[list[int], str]]:
     return shapes
 
 
-def validate_quantized(folder: str | Path) -> dict[str, Any]:
+def validate_quantized(folder: str | Path, allow_rejected: bool = False) -> dict[str, Any]:
     """Check a quantised checkpoint folder without loading it; returns its ``config.json`` as a dict.
 
     Raises ``QuantizedCheckpointError`` naming the file and problem: missing/unreadable config, no GPTQ
     ``quantization_config``, missing shards, truncated safetensors, a decoder linear without its quantised
-    tensors, or a quantised head.
+    tensors, a quantised head, or a folder whose ``fidelity.json`` says it failed (unless ``allow_rejected``).
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -205,6 +205,11 @@ def validate_quantized(folder: str | Path) -> dict[str, Any]:
     problems = _layout_problems(shapes)
     if problems:
         raise QuantizedCheckpointError(f"{folder}: " + "; ".join(problems))
+    fidelity = folder / "fidelity.json"
+    if not allow_rejected and fidelity.exists() and json.loads(fidelity.read_text(encoding="utf-8")).get(
+            "passed") is False:
+        raise QuantizedCheckpointError(f"{folder} failed its fidelity check ({fidelity}); quantise again with "
+                                       "other settings, or pass allow_rejected=True to look at it anyway")
     return config
 
 
@@ -254,6 +259,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     from .modeling import attention_for, load_tokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise ValueError(f"out_dir {out_dir} is the model folder itself: quantise into another folder")
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{model_dir} is already quantised; quantise the 16-bit merged checkpoint")
@@ -263,6 +270,9 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     _check_group_size(model_dir, cfg.group_size)
     if not calib_ids:
         raise ValueError("no calibration rows")
+    if cfg.group_size not in (-1, 32, 64, 128) or not cfg.sym:
+        log(f"WARNING: GPTQ Marlin (the fast kernel on a T4) takes group sizes -1/32/64/128 and symmetric "
+            f"quantisation only; with group_size {cfg.group_size}, sym {cfg.sym} a GPU falls back to a slower kernel")
     device = resolve_device(device)
     dtype = compute_dtype(device, cfg.dtype)
     tokenizer = load_tokenizer(model_dir)
@@ -343,7 +353,7 @@ def _versions() -> dict[str, str]:
 
 
 def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None = None,
-                   log: Callable[[str], None] = print) -> tuple[Any, Any, dict[str, Any]]:
+                   log: Callable[[str], None] = print, allow_rejected: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """Validate and load a quantised checkpoint → (model in eval mode, tokenizer, info).
 
     ``backend`` forces one GPT-QModel kernel; else the kernels recorded for the device class are tried in
@@ -356,7 +366,7 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
     from .modeling import attention_for, load_tokenizer
 
     folder = Path(folder)
-    config = validate_quantized(folder)
+    config = validate_quantized(folder, allow_rejected)
     device = resolve_device(device)
     sidecar = json.loads((folder / SIDECAR).read_text(encoding="utf-8")) if (folder / SIDECAR).exists() else {}
     kernels = [backend] if backend else (sidecar.get("kernels") or KERNELS)[device.type]
@@ -430,10 +440,12 @@ def fidelity_report(reference_dir: str | Path, quantized_dir: str | Path, frame:
     cfg = cfg or QuantizeConfig()
     from .prompting import Packer
 
+    if len(frame) == 0:
+        raise ValueError("the fidelity report needs at least one held-out row")
     device = resolve_device(device)
     tokenizer = load_tokenizer(quantized_dir)
     ids = list(Packer(tokenizer, pack_cfg).pack_frame(frame)["input_ids"])
-    model, _, info = load_quantized(quantized_dir, device, log=log)
+    model, _, info = load_quantized(quantized_dir, device, log=log, allow_rejected=True)
     dtype = model.dtype
 
     def timed_logits(m: Any) -> tuple[np.ndarray, float]:
@@ -455,6 +467,8 @@ def fidelity_report(reference_dir: str | Path, quantized_dir: str | Path, frame:
     kl = np.sum(p * (np.log(np.clip(p, 1e-15, 1)) - np.log(np.clip(q, 1e-15, 1))), axis=1)
     report: dict[str, Any] = {
         "rows": len(ids), "device": str(device), "dtype": str(dtype).split(".")[-1], "kernel": info["kernel"],
+        "non_finite_reference": int((~np.isfinite(r_logits).all(axis=1)).sum()),
+        "non_finite_quantized": int((~np.isfinite(q_logits).all(axis=1)).sum()),
         "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
         "argmax_agreement": float(np.mean(p.argmax(1) == q.argmax(1))),
         "max_abs_dlogit": float(np.abs(r_logits - q_logits).max()),
@@ -474,12 +488,14 @@ def fidelity_report(reference_dir: str | Path, quantized_dir: str | Path, frame:
 
 def check_fidelity(report: dict[str, Any], cfg: QuantizeConfig) -> None:
     """Raise ``FidelityError`` naming each threshold the report misses."""
-    misses = []
-    if report["kl_mean"] > cfg.max_mean_kl:
+    misses = []  # written as "not <=": a NaN fails every check
+    if report.get("non_finite_quantized", 0) > report.get("non_finite_reference", 0):
+        misses.append(f"{report['non_finite_quantized']} rows with non-finite logits")
+    if not report["kl_mean"] <= cfg.max_mean_kl:
         misses.append(f"mean KL {report['kl_mean']:.3g} > max_mean_kl {cfg.max_mean_kl:g}")
-    if cfg.max_row_kl and report["kl_max"] > cfg.max_row_kl:
+    if cfg.max_row_kl and not report["kl_max"] <= cfg.max_row_kl:
         misses.append(f"max row KL {report['kl_max']:.3g} > max_row_kl {cfg.max_row_kl:g}")
-    if report["argmax_agreement"] < cfg.min_agreement:
+    if not report["argmax_agreement"] >= cfg.min_agreement:
         misses.append(f"argmax agreement {report['argmax_agreement']:.3f} < min_agreement {cfg.min_agreement:g}")
     if misses:
         raise FidelityError("the quantised model is not faithful to the unquantised one: " + "; ".join(misses)
@@ -545,6 +561,12 @@ def run(model_dir: str | Path, out_dir: str | Path, train_csv: str | Path, holdo
     out = quantize(model_dir, out_dir, ids, cfg, device=device, calib_summary=summary, log=log)
     rows = read_competition(holdout_csv).frame
     report = fidelity_report(model_dir, out, rows, pack_cfg, cfg, device=device, log=log)
-    (out / "fidelity.json").write_text(json.dumps(saved_report(report), indent=2), encoding="utf-8")
-    check_fidelity(report, cfg)
+    try:
+        check_fidelity(report, cfg)
+        report["passed"] = True
+    except FidelityError:
+        report["passed"] = False  # the folder stays to be looked at; load_quantized refuses it
+        raise
+    finally:
+        (out / "fidelity.json").write_text(json.dumps(saved_report(report), indent=2), encoding="utf-8")
     return report

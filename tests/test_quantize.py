@@ -158,6 +158,9 @@ def test_fidelity_thresholds_fail_loudly():
     with pytest.raises(quantize.FidelityError, match="max row KL"):
         quantize.check_fidelity({**report, "kl_mean": 0.0, "argmax_agreement": 1.0}, QuantizeConfig(max_row_kl=0.1))
     quantize.check_fidelity({"kl_mean": 1e-5, "kl_max": 1e-4, "argmax_agreement": 1.0}, QuantizeConfig())
+    with pytest.raises(quantize.FidelityError, match="3 rows with non-finite logits.*mean KL nan"):  # NaN fails
+        quantize.check_fidelity({"kl_mean": float("nan"), "kl_max": float("nan"), "argmax_agreement": 0.99,
+                                 "non_finite_quantized": 3, "non_finite_reference": 0}, QuantizeConfig())
 
 
 def test_bad_inputs_are_refused_before_any_work(quantised, tmp_path):
@@ -205,6 +208,9 @@ def test_cli_quantizes_and_fails_loudly_on_a_missed_threshold(quantised, tmp_pat
     assert cli.main([*common, "--out", str(tmp_path / "q2"), "--max-mean-kl", "1e-12"]) == 1
     err = capsys.readouterr().err
     assert "not faithful" in err and "max_mean_kl 1e-12" in err and (tmp_path / "q2" / "fidelity.json").exists()
+    with pytest.raises(quantize.QuantizedCheckpointError, match="failed its fidelity check"):
+        quantize.load_quantized(tmp_path / "q2", log=lambda _: None)  # a rejected folder is not used by mistake
+    assert json.loads((tmp_path / "q" / "fidelity.json").read_text())["passed"] is True
 
 
 def test_both_orders_side_by_side_at_toy_scale(tmp_path, tokenizer, synth_frame):
@@ -236,3 +242,30 @@ def test_widths_gptq_cannot_pack_are_refused_up_front(tmp_path, tokenizer):
     modeling.load_tokenizer(base).save_pretrained(tmp_path / "c48")
     with pytest.raises(ValueError, match="multiples of 32.*'q_proj in': 48"):
         quantize.quantize(tmp_path / "c48", tmp_path / "x", [[1, 2, 3]], CFG, device="cpu")
+
+
+def test_inference_on_a_gptq_model_survives_a_nan_batch(quantised, synth_frame):
+    """A quantised model cannot be cast to fp32 (transformers refuses): the NaN rows are re-run alone in
+    their own dtype, and the weights are left as they were."""
+    from lmsys_lib import inference
+    from lmsys_lib.config import InferenceConfig
+
+    family, _, qdir = quantised
+    if family != "llama":
+        pytest.skip("one architecture is enough")
+    model, tok, _ = quantize.load_quantized(qdir, "cpu", log=lambda _: None)
+    calls = {"n": 0}
+
+    def nan_once(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            output.logits = torch.full_like(output.logits, float("nan"))
+        return output
+
+    handle = model.register_forward_hook(nan_once)
+    cfg = InferenceConfig(pack=PACK, tta=False, rule_priors=False, token_budget=100000, max_batch_rows=64,
+                          degrade_max_length=128)
+    probs, report = inference.score(model, tok, synth_frame.iloc[:12], cfg, progress=False, log=lambda _: None)
+    handle.remove()
+    assert report["nan_rows"] == 12 and report["sources"] == {"model:no-tta": 12} and not report["errors"]
+    assert np.isfinite(probs).all() and model.dtype == torch.bfloat16
