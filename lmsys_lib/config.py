@@ -331,7 +331,7 @@ class InferenceConfig:
     token_budget: int = 16384  # padded tokens per forward (rows × longest row)
     max_batch_rows: int = 64
     tta: bool = True
-    time_budget_s: float = 9 * 3600 - 45 * 60  # Kaggle's 9 h minus 45 min: blur (15), start-up, writing
+    time_budget_s: float = 9 * 3600.0 - 45 * 60  # Kaggle's 9 h minus 45 min: blur (15), start-up, writing
     degrade_max_length: int = 1024
     checkpoint_every: int = 1000  # rows between checkpoints (whole batches)
     rule_priors: bool = True  # empty / null / identical responses get the prior measured on train data

@@ -52,3 +52,20 @@ def test_stage_guard(tmp_path):
     with pytest.raises(C.StageConflictError, match="another config for stage 'pack'"):
         C.claim_stage(tmp_path, "pack", C.PackConfig(max_length=512))
     assert C.claim_stage(tmp_path, "pack", C.PackConfig(max_length=512), force=True)
+
+
+def test_every_default_config_survives_a_json_round_trip():
+    """A default whose Python type differs from its annotation (9 * 3600 is an int) would make the saved
+    config unreadable by ``from_dict``."""
+    import dataclasses as dc
+
+    from lmsys_lib import config as C
+
+    for cls in (C.SynthConfig, C.PackConfig, C.FoldConfig, C.ModelConfig, C.TrainConfig, C.PretrainConfig,
+                C.TeacherConfig, C.DistillConfig, C.QuantizeConfig, C.InferenceConfig, C.DemoConfig):
+        default = cls()
+        assert C.from_dict(cls, C.to_dict(default)) == default, cls.__name__
+        for field in dc.fields(cls):
+            value = getattr(default, field.name)
+            if field.type == "float":
+                assert isinstance(value, float), f"{cls.__name__}.{field.name} default is {type(value).__name__}"
