@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import queue
 import threading
 import time
@@ -121,9 +120,8 @@ class _Guard:
     Each worker's first batch is left out of the rate (CUDA context, kernel selection and compilation make
     it slow), and no projection is made before ``min_batches`` batches have been measured."""
 
-    def __init__(self, budget_s: float, clock: Callable[[], float], log: Callable[[str], None],
-                 min_batches: int = 1):
-        self.budget, self.clock, self.log = budget_s, clock, log
+    def __init__(self, clock: Callable[[], float], log: Callable[[str], None], min_batches: int = 1):
+        self.clock, self.log = clock, log
         self.start = clock()
         self.tokens = 0.0
         self.busy = 0.0
@@ -203,7 +201,7 @@ def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig
     todo = [i for i in range(n) if not source[i]]
     events: dict[str, Any] = {"nan_rows": 0, "prior_rows": [], "oom_splits": 0, "errors": [],
                               "lock": threading.Lock()}
-    guard = _Guard(cfg.time_budget_s, clock, log)
+    guard = _Guard(clock, log)
     plan = _plan(frame, todo, tokenizer, cfg, cfg.pack.max_length, cfg.tta)
     if store:
         plan.batches = [b for b in plan.batches if not store.done.issuperset(b)]
@@ -482,13 +480,15 @@ def _recompute_fp32(model: Any, tokenizer: Any, rows: list[Any]) -> list[np.ndar
     copies and the original tensors put back afterwards (exactly — nothing is cast back); buffers are
     untouched. A quantised model keeps its weights (its kernels take no fp32): the rows are only re-run
     alone. A row that still fails comes back as NaN."""
+    import torch
+
     quantised = bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None))
     originals = {}
     out = []
     try:
         if not quantised:
             for p in model.parameters():
-                if p.is_floating_point() and p.dtype != _fp32():
+                if p.is_floating_point() and p.dtype != torch.float32:
                     originals[p] = p.data
                     p.data = p.data.float()
         for row in rows:
@@ -503,12 +503,6 @@ def _recompute_fp32(model: Any, tokenizer: Any, rows: list[Any]) -> list[np.ndar
             p.data = data
         _free(model)
     return out
-
-
-def _fp32() -> Any:
-    import torch
-
-    return torch.float32
 
 
 def _free(model: Any) -> None:
@@ -698,7 +692,3 @@ def parse_duration(text: str | float) -> float:
     h, m, s = (float(g) if g else 0.0 for g in parts.groups())
     return h * 3600 + m * 60 + s
 
-
-def projected_seconds(rows: int, tokens_per_row: float, tokens_per_s: float, tta: bool, devices: int) -> float:
-    """Time to score ``rows`` at a measured padded-token throughput per device."""
-    return rows * tokens_per_row * (2 if tta else 1) / (tokens_per_s * devices) if tokens_per_s > 0 else math.inf

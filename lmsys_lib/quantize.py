@@ -304,8 +304,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     sidecar = {"source": str(model_dir), "source_dtype": source_dtype, "settings": dataclasses.asdict(cfg), "calibration": calib_summary or
                {"rows": len(calib_ids)}, "device": str(device), "dtype": str(dtype).split(".")[-1],
                "quantize_seconds": round(seconds, 2), "kernels": KERNELS, "versions": _versions(),
-               "kernel_notes": "CUDA: GPTQ Marlin first (a T4, sm75, needs fp16; it is JIT-compiled on first use "
-                               "into the GPT-QModel cache), else Triton, else the torch kernel; CPU: torch kernel "
+               "kernel_notes": "CUDA: GPTQ Marlin first (a T4, sm75, needs fp16; GPT-QModel builds it on first use, "
+                               "which needs a CUDA compiler), else Triton, else the torch kernel; CPU: torch kernel "
                                "(bf16). Override with load_quantized(..., backend=...)."}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -361,12 +361,13 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
     """
     prepare_env()
     import torch
-    from transformers import AutoModelForSequenceClassification, GPTQConfig
+    from transformers import AutoConfig, AutoModelForSequenceClassification, GPTQConfig
 
     from .modeling import attention_for, load_tokenizer
 
     folder = Path(folder)
     config = validate_quantized(folder, allow_rejected)
+    attention = attention_for(AutoConfig.from_pretrained(folder), "auto")
     device = resolve_device(device)
     sidecar = json.loads((folder / SIDECAR).read_text(encoding="utf-8")) if (folder / SIDECAR).exists() else {}
     kernels = [backend] if backend else (sidecar.get("kernels") or KERNELS)[device.type]
@@ -380,7 +381,7 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 folder, dtype=dtype, output_loading_info=True, **_placement(device),
                 quantization_config=GPTQConfig(bits=config["quantization_config"]["bits"], backend=kernel),
-                attn_implementation=attention_for(_ns(config), "auto"))
+                attn_implementation=attention)
         except Exception as err:  # a kernel that cannot build or run here (no CUDA, no compiler, wrong dtype)
             failures.append(f"{kernel}: {str(err).splitlines()[0][:200]}")
             continue
@@ -401,12 +402,6 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
 def _placement(device: Any) -> dict[str, Any]:
     """``device_map`` on a GPU only (on a CPU transformers would take the map for offloading)."""
     return {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-
-
-def _ns(config: dict[str, Any]) -> Any:
-    import types
-
-    return types.SimpleNamespace(attn_logit_softcapping=config.get("attn_logit_softcapping"))
 
 
 def load_reference(folder: str | Path, device: Any, dtype: Any) -> Any:
