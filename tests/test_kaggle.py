@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,18 +38,191 @@ def test_run_dir(tmp_path):
         kaggle.run_dir("../escape", root=tmp_path)
 
 
-def test_inference_kernel_metadata_is_submittable_offline():
-    """The 2×T4 submission kernel: GPU shape, internet off (written out: the CLI defaults it to on), the
-    competition and the wheel/model datasets as sources, slug = slugify(title), code_file present."""
-    import json
-    import re
+ROOT = Path(__file__).resolve().parents[1]
 
-    folder = Path(__file__).resolve().parents[1] / "kernel-metadata" / "arena-distill-05-inference-2xt4"
-    meta = json.loads((folder / "kernel-metadata.json").read_text())
-    assert meta["machine_shape"] == "NvidiaTeslaT4" and meta["enable_gpu"] is True
-    assert meta["enable_internet"] is False
-    assert meta["competition_sources"] == ["lmsys-chatbot-arena"]
-    assert {s.split("/")[1] for s in meta["dataset_sources"]} == {"arena-distill-wheels", "arena-distill-student-gptq"}
-    slug = re.sub(r"[^a-z0-9]+", "-", meta["title"].lower()).strip("-")
-    assert meta["id"].split("/")[1] == slug == folder.name
-    assert (folder / meta["code_file"]).is_file() and len(meta["title"]) >= 5
+
+def test_committed_metadata_is_what_the_generator_writes_and_validates(tmp_path):
+    written = kaggle.write_repo_metadata(tmp_path)
+    for path in written:
+        committed = ROOT / path.relative_to(tmp_path)
+        assert json.loads(committed.read_text()) == json.loads(path.read_text()), f"{committed} is stale: lmsys kaggle metadata"
+    assert kaggle.validate_tree(ROOT / "kernel-metadata") == []
+    assert kaggle.validate_tree(ROOT / "datasets-metadata") == []
+    submission = json.loads((ROOT / "kernel-metadata" / "arena-distill-05-inference-2xt4" / "kernel-metadata.json").read_text())
+    assert submission["machine_shape"] == "NvidiaTeslaT4" and submission["enable_internet"] is False
+    assert submission["competition_sources"] == ["lmsys-chatbot-arena"]
+
+
+def test_slugify_matches_the_kaggle_cli(monkeypatch):
+    slugify = pytest.importorskip("slugify").slugify  # what `kaggle kernels push` compares the id with
+    titles = [k.title for k in kaggle.SUITE_KERNELS] + [d.title for d in kaggle.SUITE_DATASETS] + [
+        "Gemma-2 9B: 8-bit GPTQ (fold 0+1)", "  Uber   Unicode  ", "don't stop", "a__b--c", "x.y/z"]
+    for title in titles + ["Über straße — ÆON"]:
+        assert kaggle.slugify(title) == slugify(title), title
+    monkeypatch.setitem(sys.modules, "slugify", None)  # the fallback, for a box without python-slugify
+    for title in titles:
+        assert kaggle.slugify(title) == slugify(title), title
+
+
+def _good_kernel(tmp_path: Path, **changes) -> Path:
+    folder = tmp_path / "k"
+    folder.mkdir(exist_ok=True)
+    (folder / "05_inference_2xT4.ipynb").write_text((ROOT / "notebooks" / "05_inference_2xT4.ipynb").read_text())
+    spec = kaggle.SUITE_KERNELS[-1]
+    meta = kaggle.kernel_metadata(spec, "alice", "05_inference_2xT4.ipynb") | changes
+    meta = {k: v for k, v in meta.items() if v is not _DROP}
+    (folder / "kernel-metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+_DROP = object()
+
+
+def test_good_kernel_metadata_passes(tmp_path):
+    assert kaggle.validate_kernel_metadata(_good_kernel(tmp_path), for_push=True) == []
+
+
+@pytest.mark.parametrize("changes, field, words", [
+    ({"id": "alice/arena-distill-05-inference"}, "id", "slugify(title)"),
+    ({"id": "alice/arena-distill-05-inference-2xt4/3"}, "id", "owner/slug"),
+    ({"enable_internet": True}, "enable_internet", "must be false"),
+    ({"enable_internet": _DROP}, "enable_internet", "defaults it to true"),
+    ({"enable_internet": "false"}, "enable_internet", "JSON boolean"),
+    ({"machine_shape": _DROP}, "machine_shape", "P100"),
+    ({"machine_shape": "NvidiaTeslaP100"}, "machine_shape", "NvidiaTeslaT4"),
+    ({"code_file": "missing.ipynb"}, "code_file", "not found"),
+    ({"code_file": _DROP}, "code_file", "missing"),
+    ({"dataset_sources": ["alice-arena-distill-wheels"]}, "dataset_sources[0]", "owner/slug"),
+    ({"dataset_sources": ["alice/Arena Wheels"]}, "dataset_sources[0]", "lower-case"),
+    ({"kernel_sources": "alice/k"}, "kernel_sources", "list"),
+    ({"competition_sources": []}, "competition_sources", "lmsys-chatbot-arena"),
+    ({"title": "2xT4"}, "title", "5–50"),
+    ({"enable_internets": False}, "enable_internets", "unknown key"),
+    ({"language": "r"}, "language", "python"),
+    ({"id": "your-kaggle-username/arena-distill-05-inference-2xt4"}, "id", "placeholder"),
+])
+def test_each_broken_kernel_field_is_named(tmp_path, changes, field, words):
+    problems = kaggle.validate_kernel_metadata(_good_kernel(tmp_path, **changes), for_push=True)
+    assert problems, changes
+    assert any(p.field == field and words in p.message for p in problems), [str(p) for p in problems]
+    assert all(str(p).startswith(str(tmp_path / "k" / "kernel-metadata.json")) for p in problems)
+
+
+def test_unreadable_metadata_names_the_file(tmp_path):
+    (tmp_path / "kernel-metadata.json").write_text("{not json")
+    [problem] = kaggle.validate_kernel_metadata(tmp_path)
+    assert problem.field == "(file)" and "not valid JSON" in problem.message
+    [problem] = kaggle.validate_dataset_metadata(tmp_path / "nowhere")
+    assert problem.message == "missing"
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"title": "wheel"}, "title"), ({"licenses": [{"name": "CC0-1.0"}, {"name": "MIT"}]}, "licenses"),
+    ({"licenses": _DROP}, "licenses"), ({"id": "alice/whl"}, "id"), ({"subtitle": "too short"}, "subtitle"),
+    ({"isprivate": True}, "isprivate"),
+])
+def test_each_broken_dataset_field_is_named(tmp_path, changes, field):
+    meta = kaggle.dataset_metadata(kaggle.WHEELS, "alice")
+    assert kaggle.validate_dataset_metadata(_write(tmp_path / "ok", meta)) == []
+    meta = {k: v for k, v in (meta | changes).items() if v is not _DROP}
+    problems = kaggle.validate_dataset_metadata(_write(tmp_path / "bad", meta))
+    assert [p.field for p in problems] == [field], [str(p) for p in problems]
+
+
+def _write(folder: Path, meta: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "dataset-metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_kernel_order_puts_sources_first_and_refuses_a_cycle():
+    order = [k.notebook[:2] for k in kaggle.kernel_order()]
+    assert order == ["00", "01", "02", "03", "04", "05"]
+    a = kaggle.KernelSpec("a.ipynb", "kernel aaaa", gpu=False, kernels=("kernel-bbbb",))
+    b = kaggle.KernelSpec("b.ipynb", "kernel bbbb", gpu=False, kernels=("kernel-aaaa",))
+    with pytest.raises(ValueError, match="cycle"):
+        kaggle.kernel_order((a, b))
+
+
+def _fake_run(tmp_path: Path, passed: bool = True) -> Path:
+    quantized = tmp_path / "run" / "quantized"
+    quantized.mkdir(parents=True)
+    (quantized / "config.json").write_text("{}")
+    (quantized / "model.safetensors").write_bytes(b"\0" * 1024)
+    (quantized / "fidelity.json").write_text(json.dumps({"passed": passed}))
+    return tmp_path / "run"
+
+
+def test_build_writes_pushable_folders_and_never_the_credentials(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", "s3cret-key-value")
+    user = kaggle.kaggle_user()
+    summary = kaggle.build(tmp_path / "build", user, ROOT, run_dir=_fake_run(tmp_path), wheels=False)
+    assert summary["problems"] == []
+    kernels = tmp_path / "build" / "kernels"
+    assert sorted(p.name for p in kernels.iterdir()) == sorted(k.slug for k in kaggle.SUITE_KERNELS)
+    meta = json.loads((kernels / "arena-distill-05-inference-2xt4" / "kernel-metadata.json").read_text())
+    assert meta["id"] == "alice/arena-distill-05-inference-2xt4" and meta["code_file"] == "05_inference_2xT4.ipynb"
+    student = tmp_path / "build" / "datasets" / "arena-distill-student-gptq"
+    assert (student / "model.safetensors").stat().st_size == 1024
+    assert json.loads((student / "dataset-metadata.json").read_text())["id"] == "alice/arena-distill-student-gptq"
+    for path in (tmp_path / "build").rglob("*"):
+        assert not path.is_file() or b"s3cret" not in path.read_bytes(), path
+    assert kaggle.validate_tree(tmp_path / "build", for_push=True) == []
+
+
+def test_build_refuses_a_student_that_failed_its_fidelity_check(tmp_path):
+    with pytest.raises(ValueError, match="failed its fidelity check"):
+        kaggle.build(tmp_path / "build", "alice", ROOT, run_dir=_fake_run(tmp_path, passed=False), wheels=False)
+
+
+def _clean_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAGGLE_")}
+    return env | {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "home" / ".config")}
+
+
+def test_push_dry_run_prints_the_whole_suite_without_credentials_or_network(tmp_path):
+    env = _clean_env(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "push", "--dry-run", "--new",
+                           "--build", str(tmp_path / "b")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("kaggle ")]
+    creates = [i for i, c in enumerate(commands) if c.startswith("kaggle datasets create")]
+    pushes = [c for c in commands if c.startswith("kaggle kernels push")]
+    assert len(creates) == 2 and all("--dir-mode zip" in commands[i] for i in creates)
+    assert len(pushes) == 6 and max(creates) < commands.index(pushes[0])
+    assert [c.rsplit("-", 3)[0][-2:] for c in pushes]  # every notebook, in dependency order
+    assert [next(k.notebook[:2] for k in kaggle.SUITE_KERNELS if c.endswith(k.slug)) for c in pushes] == \
+        ["00", "01", "02", "03", "04", "05"]
+    assert "credentials: none found" in proc.stdout
+    assert not (tmp_path / "home" / ".kaggle").exists() and not (tmp_path / "b").exists()  # nothing written
+
+
+def test_push_without_credentials_refuses_before_running_anything(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "push", "--build", str(tmp_path / "b")],
+                          capture_output=True, text=True, env=_clean_env(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "no Kaggle credentials" in proc.stderr
+
+
+def test_credentials_are_found_where_the_cli_looks_and_only_the_user_name_is_read(tmp_path):
+    env = {"HOME": str(tmp_path)}
+    assert kaggle.credential_source(env) is None and kaggle.kaggle_user(env=env) is None
+    config = tmp_path / "cfg" / "kaggle.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({"username": "bob", "key": "0123"}))
+    env["KAGGLE_CONFIG_DIR"] = str(config.parent)
+    assert kaggle.credential_source(env) == str(config) and kaggle.kaggle_user(env=env) == "bob"
+    assert kaggle.kaggle_user("carol", env) == "carol"
+    assert kaggle.credential_source({"HOME": str(tmp_path), "KAGGLE_API_TOKEN": "x"}) == "$KAGGLE_API_TOKEN"
+
+
+def test_colab_without_drive_warns_and_dataset_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(kaggle, "COLAB_DRIVE", tmp_path / "not-mounted")
+    with pytest.warns(UserWarning, match="Drive is not mounted"):
+        assert kaggle.runs_root("colab") == Path("/content/runs")
+    (tmp_path / "MyDrive").mkdir()
+    monkeypatch.setattr(kaggle, "COLAB_DRIVE", tmp_path / "MyDrive")
+    assert kaggle.runs_root("colab") == tmp_path / "MyDrive" / "arena-distill" / "runs"
+    assert kaggle.dataset_dir("x", explicit=tmp_path) == tmp_path
+    with pytest.raises(FileNotFoundError, match="/kaggle/input/arena-distill-wheels"):
+        kaggle.dataset_dir("arena-distill-wheels", env="local")
