@@ -77,7 +77,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .config import DemoConfig
 
     cfg = DemoConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else DemoConfig()
-    run_dir = demo.run(args.run_dir, cfg, force=args.force)
+    if args.fraction is not None:
+        cfg = dataclasses.replace(cfg, fraction=args.fraction)
+    run_dir = demo.run(args.run_dir, cfg, force=args.force, notebooks=args.notebooks)
     print(f"demo finished: {run_dir}")
     return 0
 
@@ -277,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--config", help="JSON file with a DemoConfig (unknown keys are an error)")
     p.add_argument("--force", action="store_true", help="re-run finished stages, replacing their output")
+    p.add_argument("--fraction", type=float, help="dry run: every notebook on this share of its rows (0.1, 0.01)")
+    p.add_argument("--notebooks", help="the numbered notebooks (default: the checkout's notebooks/)")
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("teacher", help="train a teacher's folds and write its out-of-fold logits "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -354,9 +355,7 @@ class DemoConfig:
     """
 
     synth: SynthConfig = SynthConfig(n_train=400, n_test=200)
-    pack: PackConfig = PackConfig(max_length=512)
     folds: FoldConfig = FoldConfig(k=2)
-    tokenizer_vocab: int = 4000
     teacher: TeacherConfig = TeacherConfig(
         name="gemma3-270m",
         model=ModelConfig(model_dir="zoo:gemma3-270m", lora_r=8, lora_alpha=16, lora_dropout=0.0),
@@ -374,10 +373,29 @@ class DemoConfig:
     quantize: QuantizeConfig = QuantizeConfig(group_size=64, calib_rows=64, calib_max_length=128)
     inference: InferenceConfig = InferenceConfig(pack=PackConfig(max_length=128), token_budget=4096,
                                                  degrade_max_length=128, checkpoint_every=64)
+    fraction: float = 1.0  # dry run: every notebook works on this share of its rows (0.1, 0.01)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DemoConfig:
         return from_dict(cls, data)
+
+
+def resolve(cls: type[T], path: str | Path | None, settings: dict[str, Any], keep: tuple[str, ...] = ("fraction",),
+            log: Callable[[str], None] = print) -> T:
+    """A notebook's config: the ``cls`` config in JSON file ``path`` when one is given — the notebook's own
+    settings are then ignored, except the keys in ``keep`` whose value differs from the field's default (the
+    dry-run ``fraction``) — else ``from_dict(cls, settings)``. Unknown keys raise either way."""
+    if path is None:
+        return from_dict(cls, settings)
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    kept = {k: settings[k] for k in keep if k in settings and k in defaults and settings[k] != defaults[k]}
+    log(f"{cls.__name__} from {path}" + (f" with {kept}" if kept else "") + " (the settings cell is not used)")
+    return from_dict(cls, data | kept)
 
 
 def claim_stage(run_dir: str | Path, stage: str, cfg: Any, force: bool = False) -> bool:

@@ -1,80 +1,201 @@
-"""``lmsys demo``: the whole chain on the embedded default, in one run folder.
+"""``lmsys demo``: the six notebooks, executed headless in order on the embedded default, into one run folder.
 
-Stages so far (each guarded by ``config.claim_stage``: re-running a finished stage is a no-op, another
-config in the same folder is refused unless forced):
+    data                  synthetic train/test/sample_submission (competition dialect) + holdout.csv → data/,
+                          validated (the only step run in-process: it stands in for the competition's files)
+    00_eda                tables + plots → eda.md, plots/*.png, tokenizer/ (a BPE trained on the train text)
+    01_teacher_training   a real small pretrained model (Gemma-3 270M, LoRA) per grouped fold → teachers/<name>/
+                          (fold adapters, held-out logits, oof.parquet); resumes from its checkpoints when killed
+    02_distillation       a smaller real model (SmolLM2-135M, LoRA) distilled per fold from the teacher's OOF
+                          logits → student/<name>/
+    03_lora_merge         the student's folds merged exactly → merged/, fidelity vs the fold ensemble on the holdout
+    04_quantization       GPTQ 8-bit of the merged student → quantized/, fidelity vs the merged model
+    05_inference_2xT4     the quantised student scores test.csv (swap-TTA, deadline guard, checkpoints in predict/)
+                          → submission.csv, validated against test.csv
 
-    data       synthetic train/test/sample_submission (competition dialect) → data/*.csv, validated
-    folds      grouped k-fold split → data/folds.parquet (id, fold)
-    tokenizer  byte-level BPE trained on the train text → tokenizer/ (stands in for a model's tokenizer)
-    pack       train and test packed under the token budget → data/packed_{train,test}.parquet
-    eda        tables + plots → eda.md, plots/*.png
-    teacher    a real small pretrained model (Gemma-3 270M, LoRA) trained on each fold → teachers/<name>/
-               (fold adapters, held-out logits, oof.parquet); resumes from its checkpoints when killed
-    student    a smaller real model (SmolLM2-135M, LoRA) distilled per fold from the teacher's OOF logits
-               → student/<name>/
-    merge      the student's fold adapters merged exactly into one checkpoint → merged/, with the
-               fidelity report against the fold ensemble on the holdout rows → merged/fidelity.json
-    quantize   the merged student GPTQ-quantised to 8 bits (head kept 16-bit) → quantized/, with the
-               fidelity report against the merged model on the holdout rows → quantized/fidelity.json
-    predict    the quantised student scores test.csv through the inference kernel (swap-TTA, deadline guard,
-               checkpoints in predict/) → submission.csv (validated against test.csv)
+Each notebook is run with papermill on a real kernel (the executed copy, outputs and plots included, lands in
+``notebooks/``); each stage's config is passed as a JSON file (``config/inputs/``) through the notebook's
+``config`` parameter, so the notebooks run exactly what the CLI would. Each stage is guarded by
+``config.claim_stage``: re-running a finished stage is a no-op, another config in the same folder is refused
+unless forced, a stage whose outputs went missing runs again. ``fraction`` < 1 is a dry run: every notebook
+works on that share of its rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import config as C
-from . import distill, eda, merge, parsing, prompting, quantize, synthetic, teacher, zoo
+from . import parsing, synthetic
 
 
-def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = False,
-        log: Callable[[str], None] = print) -> Path:
-    """Run every demo stage into ``run_dir``; returns the run folder."""
-    cfg = cfg or C.DemoConfig()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    d = run_dir / "data"
-    stages: list[tuple[str, Any, Callable[[], str], list[Path]]] = [
-        ("data", {"synth": C.to_dict(cfg.synth), "holdout": cfg.holdout_rows},
-         lambda: stage_data(run_dir, cfg.synth, cfg.holdout_rows),
-         [d / "train.csv", d / "test.csv", d / "sample_submission.csv", d / "holdout.csv"]),
-        ("folds", cfg.folds, lambda: stage_folds(run_dir, cfg.folds), [d / "folds.parquet"]),
-        ("tokenizer", {"vocab": cfg.tokenizer_vocab, "synth": C.to_dict(cfg.synth)},
-         lambda: stage_tokenizer(run_dir, cfg.tokenizer_vocab), [run_dir / "tokenizer" / "tokenizer.json"]),
-        ("pack", cfg.pack, lambda: stage_pack(run_dir, cfg.pack),
-         [d / "packed_train.parquet", d / "packed_test.parquet"]),
-        ("eda", cfg.pack, lambda: stage_eda(run_dir), [run_dir / "eda.md"]),
-        ("teacher", {"teacher": C.to_dict(cfg.teacher), "folds": C.to_dict(cfg.folds)},
-         lambda: stage_teacher(run_dir, cfg.teacher, log),
-         [teacher.teacher_dir(run_dir, cfg.teacher.name) / "oof.parquet"]),
-        ("student", {"student": C.to_dict(cfg.student), "teacher": C.to_dict(cfg.teacher)},
-         lambda: stage_student(run_dir, cfg.student, log),
-         [distill.student_dir(run_dir, cfg.student.name) / "oof.parquet"]),
-        ("merge", {"student": C.to_dict(cfg.student)}, lambda: stage_merge(run_dir, cfg.student, log),
-         [run_dir / "merged" / "config.json", run_dir / "merged" / "fidelity.json"]),
-        ("quantize", {"student": C.to_dict(cfg.student), "quantize": C.to_dict(cfg.quantize)},
-         lambda: stage_quantize(run_dir, cfg.student.pack, cfg.quantize, log),
-         [run_dir / "quantized" / "config.json", run_dir / "quantized" / "fidelity.json"]),
-        ("predict", {"student": C.to_dict(cfg.student), "quantize": C.to_dict(cfg.quantize),
-                     "inference": C.to_dict(cfg.inference)},
-         lambda: stage_predict(run_dir, cfg.student.pack, cfg.inference, log), [run_dir / "submission.csv"]),
+@dataclass(frozen=True)
+class Stage:
+    """One notebook of the chain: its parameters, the stage config it runs, the outputs that prove it ran."""
+
+    notebook: str
+    params: dict[str, Any]
+    config: Any
+    outputs: tuple[Path, ...]
+
+    @property
+    def name(self) -> str:
+        return Path(self.notebook).stem
+
+
+def notebooks_dir(explicit: str | Path | None = None) -> Path:
+    """The numbered notebooks: ``explicit``, ``$LMSYS_NOTEBOOKS``, or the source checkout's ``notebooks/``."""
+    path = Path(explicit or os.environ.get("LMSYS_NOTEBOOKS") or Path(__file__).resolve().parents[1] / "notebooks")
+    if not (path / "00_eda.ipynb").is_file():
+        raise FileNotFoundError(f"no notebooks in {path}: pass --notebooks DIR (the checkout's notebooks/) "
+                                "or set LMSYS_NOTEBOOKS")
+    return path
+
+
+def stages(run_dir: Path, cfg: C.DemoConfig) -> list[Stage]:
+    """The chain's notebooks with the parameters that point each at the run folder and its stage config."""
+    d, f = run_dir / "data", cfg.fraction
+    student = cfg.student
+    inference = dataclasses.replace(cfg.inference, pack=dataclasses.replace(
+        student.pack, max_length=cfg.inference.pack.max_length))  # the student's prompt format
+    return [
+        Stage("00_eda.ipynb", {"data_dir": d, "out_dir": run_dir, "fraction": f}, None,
+              (run_dir / "eda.md", run_dir / "tokenizer" / "tokenizer.json")),
+        Stage("01_teacher_training.ipynb", {"run_dir": run_dir, "data_dir": d, "k_folds": cfg.folds.k,
+                                            "fold_seed": cfg.folds.seed, "fraction": f}, cfg.teacher,
+              (run_dir / "teachers" / cfg.teacher.name / "oof.parquet",)),
+        Stage("02_distillation.ipynb", {"run_dir": run_dir, "baseline": False, "fraction": f}, student,
+              (run_dir / "student" / student.name / "oof.parquet",)),
+        Stage("03_lora_merge.ipynb", {"run_dir": run_dir, "base_dir": student.model.model_dir, "name": student.name,
+                                      "max_length": student.pack.max_length, "fraction": f}, None,
+              (run_dir / "merged" / "config.json", run_dir / "merged" / "fidelity.json")),
+        Stage("04_quantization.ipynb", {"run_dir": run_dir, "max_length": student.pack.max_length,
+                                        "fraction": f}, cfg.quantize,
+              (run_dir / "quantized" / "config.json", run_dir / "quantized" / "fidelity.json")),
+        Stage("05_inference_2xT4.ipynb", {"model_dir": run_dir / "quantized", "data_dir": d,
+                                          "out_path": run_dir / "submission.csv", "work_dir": run_dir / "predict",
+                                          "devices": "auto", "fraction": f}, inference,
+              (run_dir / "submission.csv",)),
     ]
-    for name, stage_cfg, fn, outputs in stages:
-        if not C.claim_stage(run_dir, name, stage_cfg, force=force):
-            missing = [str(p) for p in outputs if not p.exists()]
-            if not missing:
-                log(f"[{name}] already done in {run_dir} (same config) — skipped")
-                continue
-            log(f"[{name}] outputs missing ({', '.join(missing)}) — running again")
-        start = time.perf_counter()
-        detail = fn()
-        C.save_stage(run_dir, name, stage_cfg)
-        log(f"[{name}] {detail} ({time.perf_counter() - start:.1f} s)")
+
+
+def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = False, notebooks: str | Path | None = None,
+        log: Callable[[str], None] = print) -> Path:
+    """Write the embedded default data, then execute the six notebooks in order into ``run_dir``."""
+    cfg = cfg or C.DemoConfig()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    source = notebooks_dir(notebooks)
+    d = run_dir / "data"
+    data_cfg = {"synth": C.to_dict(cfg.synth), "holdout": cfg.holdout_rows}
+    _guarded(run_dir, "data", data_cfg, [d / n for n in ("train.csv", "test.csv", "sample_submission.csv",
+                                                          "holdout.csv")],
+             lambda: stage_data(run_dir, cfg.synth, cfg.holdout_rows), force, log)
+    for stage in stages(run_dir, cfg):
+        saved = {"params": _portable(stage.params, run_dir), "config": C.to_dict(stage.config) if stage.config else None,
+                 "data": data_cfg}
+        _guarded(run_dir, stage.name, saved, list(stage.outputs),
+                 lambda stage=stage: _execute(source, stage, run_dir, log), force, log)
     return run_dir
+
+
+def _guarded(run_dir: Path, name: str, stage_cfg: Any, outputs: list[Path], fn: Callable[[], str], force: bool,
+             log: Callable[[str], None]) -> None:
+    if not C.claim_stage(run_dir, name, stage_cfg, force=force):
+        missing = [str(p) for p in outputs if not p.exists()]
+        if not missing:
+            log(f"[{name}] already done in {run_dir} (same config) — skipped")
+            return
+        log(f"[{name}] outputs missing ({', '.join(missing)}) — running again")
+    start = time.perf_counter()
+    detail = fn()
+    C.save_stage(run_dir, name, stage_cfg)
+    log(f"[{name}] {detail} ({time.perf_counter() - start:.1f} s)")
+
+
+def _portable(params: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Parameters as saved in config/: paths inside the run folder relative to it, so a moved run still matches."""
+    def one(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value.relative_to(run_dir)) if value.is_relative_to(run_dir) else str(value)
+        return value
+    return {k: one(v) for k, v in params.items()}
+
+
+def _execute(source: Path, stage: Stage, run_dir: Path, log: Callable[[str], None]) -> str:
+    """Run one notebook with papermill on a real kernel; its output streams here, the executed copy is kept."""
+    import papermill as pm
+
+    params = {k: str(v) if isinstance(v, Path) else v for k, v in stage.params.items()}
+    if stage.config is not None:
+        path = run_dir / "config" / "inputs" / f"{stage.name}.json"  # the notebook's `config` parameter
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(C.to_dict(stage.config), indent=2), encoding="utf-8")
+        params["config"] = str(path)
+    out = run_dir / "notebooks" / stage.notebook
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f"[{stage.name}] executing {source / stage.notebook} → {out}")
+    try:
+        pm.execute_notebook(str(source / stage.notebook), str(out), parameters=params, kernel_name="python3",
+                            cwd=str(run_dir), progress_bar=False, log_output=False, stdout_file=sys.stdout,
+                            stderr_file=sys.stderr)
+    except pm.PapermillExecutionError as err:
+        raise RuntimeError(f"notebook {stage.notebook} failed in cell {err.exec_count}: {err.ename}: {err.evalue} "
+                           f"(the executed copy with the traceback: {out})") from None
+    return _SUMMARIES.get(stage.name, lambda r, s: "done")(run_dir, stage)
+
+
+def _summary_teacher(run_dir: Path, stage: Stage) -> str:
+    from . import teacher
+
+    report = teacher.fold_report(run_dir, stage.config.name)
+    return f"teacher {stage.config.name}: held-out log loss {_folds_line(report)} (uniform guess 1.0986)"
+
+
+def _summary_student(run_dir: Path, stage: Stage) -> str:
+    from . import distill, teacher
+
+    cfg = stage.config
+    report = teacher.fold_report(run_dir, cfg.name, root=distill.student_dir(run_dir, cfg.name))
+    return f"student {cfg.name} (from {', '.join(cfg.teachers) or 'labels only'}): held-out log loss {_folds_line(report)}"
+
+
+def _summary_merge(run_dir: Path, stage: Stage) -> str:
+    r = json.loads((run_dir / "merged" / "fidelity.json").read_text())
+    return (f"folds merged exactly; holdout log loss ensemble {r['log_loss_ensemble']:.4f}, merged "
+            f"{r['log_loss_exact']:.4f}, naive A/B average {r['log_loss_naive']:.4f} (KL to ensemble "
+            f"{r['kl_ensemble_exact']:.2e} vs {r['kl_ensemble_naive']:.2e})")
+
+
+def _summary_quantize(run_dir: Path, stage: Stage) -> str:
+    r = json.loads((run_dir / "quantized" / "fidelity.json").read_text())
+    return (f"GPTQ {stage.config.bits}-bit ({r['kernel']}, {r['dtype']}): holdout log loss merged "
+            f"{r['log_loss_reference']:.4f} → quantised {r['log_loss_quantized']:.4f}, mean KL {r['kl_mean']:.2e}, "
+            f"argmax agreement {r['argmax_agreement']:.3f}, {r['bytes_reference'] / 2**20:.0f} → "
+            f"{r['bytes_quantized'] / 2**20:.0f} MiB")
+
+
+def _summary_predict(run_dir: Path, stage: Stage) -> str:
+    """The submission must be valid for the whole test file (a dry run's covers only its share: checked on that)."""
+    path, test_csv = run_dir / "submission.csv", run_dir / "data" / "test.csv"
+    if stage.params["fraction"] < 1:
+        return f"dry run: a share of {test_csv.name} scored → {path} (not a full submission)"
+    report = parsing.validate_file(path, test_path=test_csv)
+    if not report.ok:
+        raise parsing.DataError(str(path), [p for p in report.problems if p.fatal])
+    return f"{report.summary['rows']} test rows scored by the quantised student → {path} (valid against {test_csv.name})"
+
+
+_SUMMARIES: dict[str, Callable[[Path, Stage], str]] = {
+    "01_teacher_training": _summary_teacher, "02_distillation": _summary_student, "03_lora_merge": _summary_merge,
+    "04_quantization": _summary_quantize, "05_inference_2xT4": _summary_predict}
 
 
 def stage_data(run_dir: Path, cfg: C.SynthConfig, holdout: int = 0) -> str:
@@ -98,90 +219,6 @@ def stage_data(run_dir: Path, cfg: C.SynthConfig, holdout: int = 0) -> str:
 def stage_folds(run_dir: Path, cfg: C.FoldConfig) -> str:
     sizes = parsing.write_folds(run_dir / "data" / "train.csv", run_dir / "data" / "folds.parquet", cfg.k, cfg.seed)
     return f"{cfg.k} grouped folds, sizes {sizes}"
-
-
-def stage_tokenizer(run_dir: Path, vocab: int) -> str:
-    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
-    tok = zoo.demo_tokenizer(run_dir / "tokenizer", frame, vocab_size=vocab)
-    return f"byte-level BPE, {len(tok)} tokens"
-
-
-def stage_pack(run_dir: Path, cfg: C.PackConfig) -> str:
-    from transformers import AutoTokenizer
-
-    packer = prompting.Packer(AutoTokenizer.from_pretrained(run_dir / "tokenizer"), cfg)
-    notes = []
-    for split in ("train", "test"):
-        frame = parsing.read_competition(run_dir / "data" / f"{split}.csv").frame
-        packed = packer.pack_frame(frame, progress=True)
-        packed.to_parquet(run_dir / "data" / f"packed_{split}.parquet")
-        notes.append(f"{split}: mean {packed['n_tokens'].mean():.0f} ids, {packed['truncated'].mean():.1%} cut")
-    return f"max_length {cfg.max_length}; " + "; ".join(notes)
-
-
-def stage_eda(run_dir: Path) -> str:
-    from transformers import AutoTokenizer
-
-    frame = parsing.read_competition(run_dir / "data" / "train.csv").frame
-    path = eda.write_report(frame, AutoTokenizer.from_pretrained(run_dir / "tokenizer"), run_dir,
-                            title="EDA — embedded default")
-    return f"report {path}"
-
-
-def stage_teacher(run_dir: Path, cfg: C.TeacherConfig, log: Callable[[str], None]) -> str:
-    teacher.run(run_dir, cfg, log=log)
-    return f"teacher {cfg.name}: held-out log loss {_folds_line(teacher.fold_report(run_dir, cfg.name))} (uniform guess 1.0986)"
-
-
-def stage_student(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None]) -> str:
-    distill.run(run_dir, cfg, log=log)
-    report = teacher.fold_report(run_dir, cfg.name, root=distill.student_dir(run_dir, cfg.name))
-    return f"student {cfg.name} (from {', '.join(cfg.teachers) or 'labels only'}): held-out log loss {_folds_line(report)}"
-
-
-def stage_merge(run_dir: Path, cfg: C.DistillConfig, log: Callable[[str], None]) -> str:
-    import json
-
-    base = zoo.resolve_model_dir(cfg.model.model_dir)
-    adapters = merge.read_adapters(merge.fold_adapters(distill.student_dir(run_dir, cfg.name)))
-    out = merge.merge_exact(base, adapters, run_dir / "merged", log=log)
-    holdout = parsing.read_competition(run_dir / "data" / "holdout.csv").frame
-    report = merge.fidelity_report(base, adapters, out, holdout, cfg.pack, work_dir=run_dir / "merge-work", log=log)
-    saved = {k: v for k, v in report.items() if k != "probs"}
-    (out / "fidelity.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
-    return (f"{len(adapters)} folds merged exactly; holdout log loss ensemble {report['log_loss_ensemble']:.4f}, "
-            f"merged {report['log_loss_exact']:.4f}, naive A/B average {report['log_loss_naive']:.4f} "
-            f"(KL to ensemble {report['kl_ensemble_exact']:.2e} vs {report['kl_ensemble_naive']:.2e})")
-
-
-def stage_quantize(run_dir: Path, pack: C.PackConfig, cfg: C.QuantizeConfig, log: Callable[[str], None]) -> str:
-    report = quantize.run(run_dir / "merged", run_dir / "quantized", run_dir / "data" / "train.csv",
-                          run_dir / "data" / "holdout.csv", pack, cfg, log=log)
-    return (f"GPTQ {cfg.bits}-bit ({report['kernel']}, {report['dtype']}): holdout log loss merged "
-            f"{report['log_loss_reference']:.4f} → quantised {report['log_loss_quantized']:.4f}, mean KL "
-            f"{report['kl_mean']:.2e}, argmax agreement {report['argmax_agreement']:.3f}, "
-            f"{report['bytes_reference'] / 2**20:.0f} → {report['bytes_quantized'] / 2**20:.0f} MiB")
-
-
-def stage_predict(run_dir: Path, pack: C.PackConfig, cfg: C.InferenceConfig, log: Callable[[str], None]) -> str:
-    """The quantised student on test.csv through the inference kernel (the training prompt format, swap-TTA,
-    deadline guard, checkpoints in predict/) → submission.csv, validated against test.csv."""
-    import dataclasses
-
-    from . import inference
-
-    cfg = dataclasses.replace(cfg, pack=dataclasses.replace(pack, max_length=cfg.pack.max_length))
-    models, tokenizer, info = inference.load_models(run_dir / "quantized", inference.devices_for("auto"), log=log)
-    priors = inference.measure_priors(parsing.read_competition(run_dir / "data" / "train.csv").frame)
-    test = parsing.read_competition(run_dir / "data" / "test.csv", on_bad_cell="text").frame
-    probs, report = inference.score(models, tokenizer, test, cfg, work_dir=run_dir / "predict",
-                                            priors=priors, log=log)
-    path = inference.write_submission(test["id"].tolist(), probs, run_dir / "submission.csv")
-    report_ok = parsing.validate_file(path, test_path=run_dir / "data" / "test.csv")
-    if not report_ok.ok:
-        raise parsing.DataError(str(path), [p for p in report_ok.problems if p.fatal])
-    return (f"{len(test)} test rows scored by the quantised student ({info['kernel']}, TTA "
-            f"{'on' if cfg.tta else 'off'}) → {path}; sources {report['sources']}")
 
 
 def _folds_line(report: Any) -> str:

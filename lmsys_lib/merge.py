@@ -412,6 +412,14 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_di
     return report
 
 
+def save_report(report: dict[str, Any], merged_dir: str | Path) -> Path:
+    """``merged_dir/fidelity.json``: the fidelity report without the per-row probabilities."""
+    path = Path(merged_dir) / "fidelity.json"
+    saved = {k: v for k, v in report.items() if k != "probs"}
+    path.write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    return path
+
+
 def report_table(report: dict[str, Any]) -> pd.DataFrame:
     """One row per model (ensemble, exact merge, naive merge): log loss, KL to the ensemble, agreement."""
     rows = []

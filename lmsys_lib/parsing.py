@@ -500,6 +500,18 @@ def _messages(rec: dict[str, Any], field: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def subsample(frame: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFrame:
+    """A dry run's share of ``frame``: ``fraction`` 1 returns it unchanged; 0 < fraction < 1 a seeded random
+    share of at least one row, in the original order. Anything else raises ``ValueError``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"dry-run fraction must be in (0, 1], got {fraction!r}")
+    if fraction == 1 or len(frame) == 0:
+        return frame
+    n = max(1, round(len(frame) * fraction))
+    keep = np.sort(np.random.default_rng(seed).choice(len(frame), size=n, replace=False))
+    return frame.iloc[keep]
+
+
 def check_submission(frame: pd.DataFrame, test_ids: Sequence[Any] | None = None,
                      tol: float = 1e-3) -> list[Problem]:
     """Problems of a submission: columns, unique ids, probabilities finite, in [0, 1], summing to 1,

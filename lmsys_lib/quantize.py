@@ -540,21 +540,22 @@ def plot_kl(report: dict[str, Any]) -> Any:
 
 
 def run(model_dir: str | Path, out_dir: str | Path, train_csv: str | Path, holdout_csv: str | Path,
-        pack_cfg: PackConfig, cfg: QuantizeConfig, device: Any = "auto",
+        pack_cfg: PackConfig, cfg: QuantizeConfig, device: Any = "auto", fraction: float = 1.0,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """The quantisation stage: calibrate on ``train_csv``'s rows, quantise ``model_dir`` into ``out_dir``,
     report fidelity on ``holdout_csv``'s rows (labelled, never trained on) → ``out_dir/fidelity.json``, and
     raise ``FidelityError`` when the report misses the thresholds (the folder and report stay for a look).
-    ``pack_cfg`` is the prompt format the model was trained with. Returns the report."""
+    ``pack_cfg`` is the prompt format the model was trained with. ``fraction`` < 1 (a dry run) draws from
+    that share of the train and holdout rows. Returns the report."""
     from .modeling import load_tokenizer
-    from .parsing import read_competition
+    from .parsing import read_competition, subsample
 
-    train = read_competition(train_csv).frame
+    train = subsample(read_competition(train_csv).frame, fraction)
     ids, summary = calibration_set(train, load_tokenizer(model_dir), cfg, pack_cfg)
     log(f"calibration: {summary['rows']} of {summary['of_rows']} rows, lengths {summary['chosen_lengths']} "
         f"(all rows {summary['all_lengths']})")
     out = quantize(model_dir, out_dir, ids, cfg, device=device, calib_summary=summary, log=log)
-    rows = read_competition(holdout_csv).frame
+    rows = subsample(read_competition(holdout_csv).frame, fraction)
     report = fidelity_report(model_dir, out, rows, pack_cfg, cfg, device=device, log=log)
     try:
         check_fidelity(report, cfg)

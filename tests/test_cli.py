@@ -7,29 +7,33 @@ import json
 import subprocess
 import sys
 
+import nbformat
 import pandas as pd
 import pytest
 
 from lmsys_lib import modeling, parsing, zoo
+
+STAGES = ("data", "00_eda", "01_teacher_training", "02_distillation", "03_lora_merge", "04_quantization",
+          "05_inference_2xT4")
 
 
 def _lmsys(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lmsys_lib", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def _small_demo(tmp_path, tokenizer, max_length=256):
+def _small_demo(tmp_path, tokenizer, max_length=96):
     """A demo config on 300 rows whose teacher is a tiny Llama (the default's Gemma-3 270M is tested below)."""
     tiny = tmp_path / "tiny-llama"
     if not tiny.exists():
         modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tiny)
     teacher = {"name": "tiny", "model": {"model_dir": str(tiny), "lora_r": 4, "lora_alpha": 8},
                "train": {"max_steps": 2, "batch_size": 8, "eval_every": 0, "checkpoint_every": 0},
-               "pack": {"max_length": 96}}
+               "pack": {"max_length": max_length}}
     student = teacher | {"name": "tiny-student", "teachers": ["tiny"],
                          "model": {"model_dir": str(tiny), "lora_r": 4, "lora_alpha": 8}}
     # a 2-step tiny student is uniform to ~1e-3, so its argmax is rounding noise: agreement is not checked here
     quant = {"group_size": 32, "calib_rows": 16, "calib_max_length": 96, "min_agreement": 0.0}
-    return {"synth": {"n_train": 300, "n_test": 40}, "pack": {"max_length": max_length}, "teacher": teacher,
+    return {"synth": {"n_train": 300, "n_test": 40}, "teacher": teacher,
             "student": student, "holdout_rows": 30, "quantize": quant}
 
 
@@ -39,16 +43,18 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
     cfg.write_text(json.dumps(_small_demo(tmp_path, tokenizer)))
     proc = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
     assert proc.returncode == 0, proc.stderr
-    for stage in ("data", "folds", "tokenizer", "pack", "eda", "teacher", "student", "merge", "quantize", "predict"):
+    for stage in STAGES:
         assert f"[{stage}]" in proc.stdout and (run / "config" / f"{stage}.json").exists()
-    for name in ("train.csv", "test.csv", "holdout.csv", "sample_submission.csv", "folds.parquet", "packed_train.parquet",
-                 "packed_test.parquet"):
+    for stage in STAGES[1:]:  # the executed notebooks, outputs included, are kept in the run
+        executed = nbformat.read(run / "notebooks" / f"{stage}.ipynb", as_version=4)
+        assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code"), stage
+    for name in ("train.csv", "test.csv", "holdout.csv", "sample_submission.csv", "folds.parquet"):
         assert (run / "data" / name).exists(), name
-    packed = pd.read_parquet(run / "data" / "packed_train.parquet")
     folds = pd.read_parquet(run / "data" / "folds.parquet")
     train = parsing.read_competition(run / "data" / "train.csv").frame
-    assert packed["id"].tolist() == train["id"].tolist() == folds["id"].tolist()
-    assert packed["n_tokens"].max() <= 256 and (run / "eda.md").exists()
+    assert train["id"].tolist() == folds["id"].tolist()
+    assert (run / "eda.md").exists() and (run / "tokenizer" / "tokenizer.json").exists()
+    assert json.loads((run / "config" / "inputs" / "01_teacher_training.json").read_text())["name"] == "tiny"
     oof = pd.read_parquet(run / "teachers" / "tiny" / "oof.parquet")
     assert sorted(oof["id"]) == sorted(train["id"]) and set(oof["fold"]) == {0, 1}
     student = pd.read_parquet(run / "student" / "tiny-student" / "oof.parquet")
@@ -73,14 +79,14 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
         assert parsing.validate_file(out, test_path=REAL_SAMPLE / "test.csv").ok
 
     again = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
-    assert again.returncode == 0 and again.stdout.count("already done") == 10
-    (run / "data" / "packed_test.parquet").unlink()  # a finished stage whose output went missing runs again
+    assert again.returncode == 0 and again.stdout.count("already done") == len(STAGES)
+    (run / "eda.md").unlink()  # a finished stage whose output went missing runs again
     healed = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
-    assert "[pack] outputs missing" in healed.stdout and (run / "data" / "packed_test.parquet").exists()
+    assert "[00_eda] outputs missing" in healed.stdout and (run / "eda.md").exists()
 
     cfg.write_text(json.dumps(_small_demo(tmp_path, tokenizer, max_length=128)))
     clash = _lmsys("demo", "--run-dir", str(run), "--config", str(cfg))
-    assert clash.returncode == 2 and "another config for stage 'pack'" in clash.stderr
+    assert clash.returncode == 2 and "another config for stage '01_teacher_training'" in clash.stderr
     assert "Traceback" not in clash.stderr
 
 
@@ -97,11 +103,11 @@ def test_default_demo_trains_the_real_teacher_and_writes_oof_logits(tmp_path):
     oof = pd.read_parquet(run / "teachers" / "gemma3-270m" / "oof.parquet")
     train = parsing.read_competition(run / "data" / "train.csv").frame
     assert sorted(oof["id"]) == sorted(train["id"]) and oof["id"].is_unique
-    assert "[teacher] teacher gemma3-270m: held-out log loss fold0" in proc.stdout
+    assert "[01_teacher_training] teacher gemma3-270m: held-out log loss fold0" in proc.stdout
     fit = json.loads((run / "teachers" / "gemma3-270m" / "fold0" / "fit_config.json").read_text())
     assert fit["model"]["model_dir"] == str(zoo.models_cache() / "gemma3-270m")  # resolved from zoo:…
-    saved = json.loads((run / "config" / "teacher.json").read_text())
-    assert saved["teacher"]["model"]["model_dir"] == "zoo:gemma3-270m"  # the config stays portable
+    saved = json.loads((run / "config" / "01_teacher_training.json").read_text())
+    assert saved["config"]["model"]["model_dir"] == "zoo:gemma3-270m"  # the config stays portable
     quantised = json.loads((run / "quantized" / "fidelity.json").read_text())  # passed the default thresholds
     assert quantised["kl_mean"] <= 1e-3 and quantised["argmax_agreement"] >= 0.98
     assert parsing.validate_file(run / "submission.csv", test_path=run / "data" / "test.csv").ok

@@ -19,13 +19,14 @@ def test_unknown_key_is_an_error_naming_it():
 def test_wrong_value_types_are_errors_naming_the_field():
     with pytest.raises(ValueError, match=r"SynthConfig.n_train: expected int, got str '5'"):
         C.DemoConfig.from_dict({"synth": {"n_train": "5"}})
-    with pytest.raises(ValueError, match="DemoConfig.pack: expected an object"):
-        C.DemoConfig.from_dict({"pack": "x"})
+    with pytest.raises(ValueError, match="DemoConfig.folds: expected an object"):
+        C.DemoConfig.from_dict({"folds": "x"})
     assert C.from_dict(C.TrainConfig, {"lr": 1}).lr == 1.0  # an int is fine for a float
 
 
 def test_json_round_trip():
-    cfg = C.DemoConfig(pack=C.PackConfig(max_length=300, fractions=(0.1, 0.45, 0.45)))
+    cfg = C.DemoConfig(inference=C.InferenceConfig(pack=C.PackConfig(max_length=300, fractions=(0.1, 0.45, 0.45)),
+                                                   degrade_max_length=200))
     again = C.DemoConfig.from_dict(json.loads(json.dumps(C.to_dict(cfg))))
     assert again == cfg
 
@@ -69,3 +70,19 @@ def test_every_default_config_survives_a_json_round_trip():
             value = getattr(default, field.name)
             if field.type == "float":
                 assert isinstance(value, float), f"{cls.__name__}.{field.name} default is {type(value).__name__}"
+
+
+def test_resolve_takes_the_file_and_keeps_only_the_dry_run_fraction(tmp_path):
+    path = tmp_path / "teacher.json"
+    path.write_text(json.dumps({"name": "from-file", "train": {"lr": 3e-5}}))
+    lines = []
+    cfg = C.resolve(C.TeacherConfig, path, {"name": "cell", "fraction": 0.1}, log=lines.append)
+    assert cfg.name == "from-file" and cfg.train.lr == 3e-5 and cfg.fraction == 0.1
+    assert "not used" in lines[0]
+    assert C.resolve(C.TeacherConfig, path, {"name": "cell", "fraction": 1.0}, log=lines.append).fraction == 1.0
+    assert C.resolve(C.TeacherConfig, None, {"name": "cell"}).name == "cell"
+    path.write_text(json.dumps({"nmae": "typo"}))
+    with pytest.raises(ValueError, match="unknown key"):
+        C.resolve(C.TeacherConfig, path, {})
+    with pytest.raises(ValueError, match="fraction"):
+        C.DemoConfig(fraction=0)

@@ -21,14 +21,18 @@ def _code_cells(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebooks_are_thin(path):
     nb = nbformat.read(path, as_version=4)
-    assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), "no papermill parameters cell"
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1, "one papermill parameters cell"
+    assert all(isinstance(node, ast.Assign) for node in ast.parse(params[0].source).body), \
+        "the parameters cell holds assignments only"
+    assert "fraction" in params[0].source, "every notebook honours the dry-run fraction"
     logic = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.For, ast.While,
              ast.comprehension)
-    for source in _code_cells(path):
-        code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    for cell in (c for c in nb.cells if c.cell_type == "code" and c not in params):
+        code = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
         found = [type(node).__name__ for node in ast.walk(ast.parse(code)) if isinstance(node, logic)]
         assert not found, f"logic belongs in lmsys_lib, not in a notebook cell: {found}"
-        assert source.count("\n") <= 12
+        assert cell.source.count("\n") <= 12
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
 
 
