@@ -28,11 +28,13 @@ def label_balance(frame: pd.DataFrame) -> pd.DataFrame:
 
 def token_lengths(frame: pd.DataFrame, tokenizer: Any, chunk: int = 4000) -> pd.DataFrame:
     """Untruncated token counts per part (all turns, no special tokens) and their total, per row."""
+    from tqdm.auto import tqdm
+
     out = {}
     for part in PARTS:
         counts = np.zeros(len(frame), dtype=np.int64)
         flat = [(i, t) for i, turns in enumerate(frame[part]) for t in turns]
-        for start in range(0, len(flat), chunk):
+        for start in tqdm(range(0, len(flat), chunk), desc=f"tokenise {part}", unit="chunk", leave=False):
             block = flat[start: start + chunk]
             ids = tokenizer([t for _, t in block], add_special_tokens=False)["input_ids"]
             np.add.at(counts, [i for i, _ in block], [len(x) for x in ids])

@@ -468,7 +468,8 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
       folder whose fidelity check failed is refused).
 
     Everything is validated (``for_push`` unless ``user`` is the placeholder); returns a summary with
-    ``problems`` (strings) — empty when the build can be pushed.
+    ``problems`` (strings: metadata problems, wheelhouse conflicts) — empty when the build can be pushed —
+    and ``warnings`` (sdists Kaggle would have to compile offline, with the command that builds their wheels).
     """
     out, project_dir = Path(out), Path(project_dir)
     summary: dict[str, Any] = {"out": str(out), "user": user, "kernels": [], "datasets": {}}
@@ -478,18 +479,21 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
         shutil.copyfile(project_dir / "notebooks" / spec.notebook, folder / spec.notebook)
         write_json(folder / "kernel-metadata.json", kernel_metadata(spec, user, spec.notebook))
         summary["kernels"].append(spec.slug)
+    summary["warnings"], wheel_problems = [], []
     if wheels:
-        summary["datasets"][WHEELS.slug] = _build_wheels(out / "datasets" / WHEELS.slug, user, project_dir, target,
-                                                         extras, extra_wheels, log)
+        report = _build_wheels(out / "datasets" / WHEELS.slug, user, project_dir, target, extras, extra_wheels, log)
+        summary["datasets"][WHEELS.slug] = f"{len(report.files)} files, {report.total_bytes / 2**20:.1f} MiB"
+        summary["warnings"] += report.sdists  # Kaggle would compile these offline: ship wheels (--add-wheel)
+        wheel_problems = report.conflicts + report.problems
     if run_dir is not None:
         summary["datasets"][STUDENT.slug] = _build_student(out / "datasets" / STUDENT.slug, user, Path(run_dir))
     problems = validate_tree(out, for_push=user != PLACEHOLDER_USER)
-    summary["problems"] = [str(p) for p in problems] + summary.pop("wheel_problems", [])
+    summary["problems"] = [str(p) for p in problems] + wheel_problems
     return summary
 
 
 def _build_wheels(folder: Path, user: str, project_dir: Path, target: Any, extras: tuple[str, ...],
-                  extra_wheels: tuple[str | Path, ...], log: Callable[[str], None]) -> str:
+                  extra_wheels: tuple[str | Path, ...], log: Callable[[str], None]) -> Any:
     from . import wheelhouse
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -500,7 +504,7 @@ def _build_wheels(folder: Path, user: str, project_dir: Path, target: Any, extra
     wheelhouse.write_manifest(report, folder / "wheelhouse.json")
     write_json(folder / "dataset-metadata.json", dataset_metadata(WHEELS, user))
     log(report.summary())
-    return f"{wheel.name} + wheelhouse ({folder})"
+    return report
 
 
 def _build_student(folder: Path, user: str, run_dir: Path) -> str:

@@ -140,6 +140,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     """
     import torch
     from safetensors import safe_open
+    from tqdm.auto import tqdm
     from transformers import AutoConfig
 
     from .modeling import NUM_LABELS, load_tokenizer
@@ -164,9 +165,11 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     tmp.mkdir(parents=True)
     writer = _ShardWriter(tmp, max_shard_bytes)
     vocab_rows = config.vocab_size
+    bar = tqdm(total=_count_tensors(files), desc="merge", unit="tensor", mininterval=2.0)  # a 9B base: minutes
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                bar.update(1)
                 if key.startswith(("lm_head.", f"{HEAD}.")):  # the causal-LM head, or a base's own score head
                     continue
                 tensor = f.get_tensor(key)
@@ -182,6 +185,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
                 if key.endswith("embed_tokens.weight"):
                     vocab_rows = tensor.shape[0]
                 writer.add(key, tensor)
+    bar.close()
     if pending:
         raise ValueError(f"{base_dir}: the adapters change weights the base does not have: {sorted(pending)[:5]}")
     dtype = writer.dtype or torch.float32
@@ -211,6 +215,16 @@ def _say_if_trained_on_4bit(adapter_dirs: Sequence[Path], base_dir: Path, log: C
                 f"of {base_dir}, not into 4-bit ones (the merged model differs from the trained one by the nf4 "
                 "rounding of the base — compare them with fidelity_report)")
             return
+
+
+def _count_tensors(files: list[Path]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            total += len(f.keys())
+    return total
 
 
 def _safetensor_files(base_dir: Path) -> list[Path]:

@@ -226,3 +226,26 @@ def test_colab_without_drive_warns_and_dataset_dir(tmp_path, monkeypatch):
     assert kaggle.dataset_dir("x", explicit=tmp_path) == tmp_path
     with pytest.raises(FileNotFoundError, match="/kaggle/input/arena-distill-wheels"):
         kaggle.dataset_dir("arena-distill-wheels", env="local")
+
+
+@pytest.mark.slow
+def test_kaggle_build_command_ships_the_wheel_and_the_wheelhouse(tmp_path):
+    """`lmsys kaggle build` as users start it: the lmsys_lib wheel and the offline wheelhouse for Kaggle's image
+    (train + quantize extras, what Kaggle ships left out, never torch), the student, the kernels — all pushable."""
+    env = _clean_env(tmp_path) | {"KAGGLE_USERNAME": "alice"}
+    out = tmp_path / "build"
+    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "build", "--out", str(out),
+                           "--run-dir", str(_fake_run(tmp_path))], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    wheels = out / "datasets" / "arena-distill-wheels"
+    names = sorted(p.name for p in wheels.iterdir())
+    assert any(n.startswith("lmsys_lib-") and n.endswith(".whl") for n in names)
+    assert any(n.startswith("optimum-") for n in names) and any(n.startswith("gptqmodel-") for n in names)
+    assert not any(n.startswith(("torch-", "nvidia")) for n in names)
+    manifest = json.loads((wheels / "wheelhouse.json").read_text())
+    assert "torch" in manifest["excluded"] and "transformers" in manifest["excluded"]
+    assert kaggle.validate_tree(out, for_push=True) == []
+    dry = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "push", "--dry-run", "--build", str(out)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert dry.returncode == 0 and f"kaggle datasets version -p {wheels}" in dry.stdout
