@@ -288,6 +288,25 @@ def _check_sources(meta: dict[str, Any], add: Callable[[str, str], None]) -> Non
             add(f"model_sources[{i}]", f"{value!r} must be 'owner/model/framework/variation/version'")
 
 
+def _check_identity(meta: dict[str, Any], known: set[str], lengths: tuple[int, int], for_push: bool,
+                    add: Callable[[str, str], None]) -> tuple[str | None, str | None]:
+    """Unknown keys, the title's length, a well-formed ``owner/slug`` id (not the placeholder user when
+    ``for_push``); returns the title and slug when they are well-formed."""
+    for key in sorted(set(meta) - known):
+        add(key, f"unknown key (the CLI ignores it silently); known: {', '.join(sorted(known))}")
+    title = meta.get("title")
+    if not isinstance(title, str) or not lengths[0] <= len(title) <= lengths[1]:
+        add("title", f"{title!r} must be a string of {lengths[0]}–{lengths[1]} characters")
+        title = None
+    if "id" not in meta:
+        add("id", "missing: 'owner/slug'")
+        return title, None
+    slug = _check_ref(meta["id"], "id", add, lengths)
+    if for_push and str(meta["id"]).startswith(PLACEHOLDER_USER + "/"):
+        add("id", f"still the placeholder user {PLACEHOLDER_USER!r}: build with --user")
+    return title, slug
+
+
 def validate_kernel_metadata(folder: str | Path, submission: bool | None = None,
                              for_push: bool = False) -> list[MetadataProblem]:
     """Every check ``kaggle kernels push`` makes before it goes online, plus the ones it does not make and that
@@ -302,19 +321,9 @@ def validate_kernel_metadata(folder: str | Path, submission: bool | None = None,
     def add(field: str, message: str) -> None:
         problems.append(MetadataProblem(str(path), field, message))
 
-    for key in sorted(set(meta) - KERNEL_KEYS):
-        add(key, f"unknown key (the CLI ignores it silently); known: {', '.join(sorted(KERNEL_KEYS))}")
-    title = meta.get("title")
-    if not isinstance(title, str) or not TITLE_MIN <= len(title) <= TITLE_MAX:
-        add("title", f"{title!r} must be a string of {TITLE_MIN}–{TITLE_MAX} characters")
-        title = None
-    slug = _check_ref(meta.get("id"), "id", add, (TITLE_MIN, TITLE_MAX)) if "id" in meta else None
-    if "id" not in meta:
-        add("id", "missing: 'owner/slug'")
-    elif slug and title and slug != slugify(title):
+    title, slug = _check_identity(meta, KERNEL_KEYS, (TITLE_MIN, TITLE_MAX), for_push, add)
+    if slug and title and slug != slugify(title):
         add("id", f"slug {slug!r} must equal slugify(title) = {slugify(title)!r}")
-    if for_push and isinstance(meta.get("id"), str) and meta["id"].startswith(PLACEHOLDER_USER + "/"):
-        add("id", f"still the placeholder user {PLACEHOLDER_USER!r}: build with --user")
     _check_code_file(Path(folder), meta, add)
     if meta.get("language") != "python":
         add("language", f"{meta.get('language')!r}: must be 'python'")
@@ -377,17 +386,7 @@ def validate_dataset_metadata(folder: str | Path, for_push: bool = False) -> lis
     def add(field: str, message: str) -> None:
         problems.append(MetadataProblem(str(path), field, message))
 
-    for key in sorted(set(meta) - DATASET_KEYS):
-        add(key, f"unknown key; known: {', '.join(sorted(DATASET_KEYS))}")
-    title = meta.get("title")
-    if not isinstance(title, str) or not DATASET_SLUG_MIN <= len(title) <= DATASET_SLUG_MAX:
-        add("title", f"{title!r} must be a string of {DATASET_SLUG_MIN}–{DATASET_SLUG_MAX} characters")
-    if "id" not in meta:
-        add("id", "missing: 'owner/slug'")
-    else:
-        _check_ref(meta["id"], "id", add, (DATASET_SLUG_MIN, DATASET_SLUG_MAX))
-        if for_push and str(meta["id"]).startswith(PLACEHOLDER_USER + "/"):
-            add("id", f"still the placeholder user {PLACEHOLDER_USER!r}: build with --user")
+    _check_identity(meta, DATASET_KEYS, (DATASET_SLUG_MIN, DATASET_SLUG_MAX), for_push, add)
     licenses = meta.get("licenses")
     if not isinstance(licenses, list) or len(licenses) != 1 or not isinstance(licenses[0], dict) \
             or not licenses[0].get("name"):
