@@ -379,7 +379,7 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_di
     from .prompting import Packer
 
     base_dir, merged_dir = Path(base_dir), Path(merged_dir)
-    work = Path(work_dir) if work_dir else merged_dir.parent
+    work = Path(work_dir) if work_dir else merged_dir.parent / "merge-work"  # the naive adapter, kept to look at
     adapters = read_adapters(adapter_dirs)  # once: a 9B model's fold adapters are hundreds of MB each
     tokenizer = load_tokenizer(base_dir)
     ids = list(Packer(tokenizer, pack_cfg).pack_frame(frame)["input_ids"])
