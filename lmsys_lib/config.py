@@ -336,8 +336,10 @@ class InferenceConfig:
     degrade_max_length: int = 1024
     checkpoint_every: int = 1000  # rows between checkpoints (whole batches)
     rule_priors: bool = True  # empty / null / identical responses get the prior measured on train data
+    temperature: float = 1.0  # logits / T before the softmax, each TTA pass (evaluate.fit_temperature on OOF)
 
     def __post_init__(self) -> None:
+        _check(self.temperature > 0, "temperature must be > 0")
         _check(self.token_budget >= 16 and self.max_batch_rows >= 1, "token_budget >= 16, max_batch_rows >= 1")
         _check(self.time_budget_s > 0, "time_budget_s must be > 0")
         _check(16 <= self.degrade_max_length <= self.pack.max_length,

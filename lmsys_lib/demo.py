@@ -9,8 +9,9 @@
                           logits → student/<name>/
     03_lora_merge         the student's folds merged exactly → merged/, fidelity vs the fold ensemble on the holdout
     04_quantization       GPTQ 8-bit of the merged student → quantized/, fidelity vs the merged model
-    05_inference_2xT4     the quantised student scores test.csv (swap-TTA, deadline guard, checkpoints in predict/)
-                          → submission.csv, validated against test.csv
+    05_inference_2xT4     the quantised student scores test.csv (swap-TTA, the temperature fitted on the student's
+                          OOF logits, deadline guard, checkpoints in predict/) → submission.csv, validated
+    report                report.md: each model's evaluation (01–04 write evaluation.md + plots beside the model)
 
 Each notebook is run with papermill on a real kernel (the executed copy, outputs and plots included, lands in
 ``notebooks/``); each stage's config is passed as a JSON file (``config/inputs/``) through the notebook's
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as C
-from . import parsing, synthetic
+from . import evaluate, parsing, synthetic
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
                  "data": data_cfg}
         _guarded(run_dir, stage.name, saved, list(stage.outputs),
                  lambda stage=stage: _execute(source, stage, run_dir, log), force, log)
+    log(f"[report] {evaluate.run_report(run_dir, title='arena-distill demo')}: where the log loss goes, model by model")
     return run_dir
 
 

@@ -112,6 +112,7 @@ class _Plan:
     ids: dict[bool, list[Any]]  # swap → packed ids (row position → ids)
     tta: bool
     max_length: int
+    temperature: float = 1.0
 
 
 class _Guard:
@@ -248,7 +249,7 @@ def _plan(frame: pd.DataFrame, rows: list[int], tokenizer: Any, cfg: InferenceCo
         ids[swap] = full
     lengths = [len(ids[False][r]) for r in rows]
     local = token_budget_batches(lengths, cfg.token_budget, cfg.max_batch_rows)
-    return _Plan([[rows[i] for i in b] for b in local], ids, tta, max_length)
+    return _Plan([[rows[i] for i in b] for b in local], ids, tta, max_length, cfg.temperature)
 
 
 def _padded_tokens(plan: _Plan, batches: list[list[int]]) -> float:
@@ -428,9 +429,10 @@ def _score_batch(model: Any, tokenizer: Any, batch: list[int], plan: _Plan, even
     """(len(batch), 3) probabilities: plain pass (+ un-permuted swapped pass), NaN and OOM handled."""
     from .metrics import softmax
 
-    out = softmax(_logits(model, tokenizer, [plan.ids[False][r] for r in batch], events, log))
+    t = plan.temperature
+    out = softmax(_logits(model, tokenizer, [plan.ids[False][r] for r in batch], events, log), temperature=t)
     if plan.tta:
-        swapped = softmax(_logits(model, tokenizer, [plan.ids[True][r] for r in batch], events, log))
+        swapped = softmax(_logits(model, tokenizer, [plan.ids[True][r] for r in batch], events, log), temperature=t)
         out = (out + swapped[:, list(AB_SWAP)]) / 2
     return out
 
@@ -527,6 +529,19 @@ def devices_for(spec: str = "auto") -> list[Any]:
         workers = int(spec.split(":")[1]) if ":" in spec else 1
         return [torch.device("cpu")] * workers
     return [torch.device(d.strip()) for d in spec.split(",")]
+
+
+def model_temperature(cfg: InferenceConfig, model_dir: str | Path, log: Callable[[str], None] = print,
+                      ) -> InferenceConfig:
+    """``cfg`` with the temperature saved beside the model (``temperature.json``, fitted on OOF logits by
+    ``evaluate.oof_report``) when ``cfg`` leaves it at 1.0; an explicit temperature in ``cfg`` wins."""
+    from .evaluate import load_temperature
+
+    found = load_temperature(model_dir)
+    if found is None or cfg.temperature != 1.0:
+        return cfg
+    log(f"temperature {found:.3f} from {Path(model_dir) / 'temperature.json'}")
+    return dataclasses.replace(cfg, temperature=found)
 
 
 def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[str], None] = print) -> tuple[

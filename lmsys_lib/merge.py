@@ -198,6 +198,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     config.architectures = [head_cls]
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _carry_temperature([a.path for a in adapters], tmp, log)
     (tmp / "lmsys_merge.json").write_text(json.dumps(
         {"method": "exact", "base": str(base_dir), "adapters": [str(a.path) for a in adapters],
          "formula": "W + mean_k(s_k * B_k @ A_k), fp32, one cast"}, indent=2), encoding="utf-8")
@@ -215,6 +216,16 @@ def _say_if_trained_on_4bit(adapter_dirs: Sequence[Path], base_dir: Path, log: C
                 f"of {base_dir}, not into 4-bit ones (the merged model differs from the trained one by the nf4 "
                 "rounding of the base — compare them with fidelity_report)")
             return
+
+
+def _carry_temperature(adapter_dirs: Sequence[Path], out: Path, log: Callable[[str], None]) -> None:
+    """The temperature fitted on the folds' OOF logits (``<model>/temperature.json`` beside ``fold*/``)
+    travels with the merged model, where ``lmsys predict`` finds it."""
+    roots = {Path(p).resolve().parents[1] for p in adapter_dirs}  # <model>/fold<k>/adapter → <model>
+    source = next(iter(roots)) / "temperature.json" if len(roots) == 1 else None
+    if source is not None and source.is_file():
+        shutil.copyfile(source, out / "temperature.json")
+        log(f"temperature from {source} copied beside the merged model")
 
 
 def _count_tensors(files: list[Path]) -> int:

@@ -49,6 +49,7 @@ import pandas as pd
 from .config import PackConfig, QuantizeConfig
 
 SIDECAR = "quantize.json"
+TEMPERATURE = "temperature.json"  # evaluate.TEMPERATURE_FILE (this module does not import evaluate)
 KERNELS = {  # tried in order at load time; the first that loads is used (and logged)
     "cuda": ["gptq_marlin", "gptq_triton", "gptq_torch"],
     "cpu": ["gptq_torch"],
@@ -308,6 +309,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
                                "which needs a CUDA compiler), else Triton, else the torch kernel; CPU: torch kernel "
                                "(bf16). Override with load_quantized(..., backend=...)."}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
+    if (model_dir / TEMPERATURE).is_file():  # the OOF-fitted temperature travels with the model
+        shutil.copyfile(model_dir / TEMPERATURE, tmp / TEMPERATURE)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     del model
@@ -499,7 +502,7 @@ def check_fidelity(report: dict[str, Any], cfg: QuantizeConfig) -> None:
 
 def saved_report(report: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able part of a fidelity report (per-row arrays dropped)."""
-    return {k: v for k, v in report.items() if k not in ("kl", "probs")}
+    return {k: v for k, v in report.items() if k not in ("kl", "probs", "ids")}
 
 
 def report_table(report: dict[str, Any]) -> pd.DataFrame:
@@ -557,6 +560,7 @@ def run(model_dir: str | Path, out_dir: str | Path, train_csv: str | Path, holdo
     out = quantize(model_dir, out_dir, ids, cfg, device=device, calib_summary=summary, log=log)
     rows = subsample(read_competition(holdout_csv).frame, fraction)
     report = fidelity_report(model_dir, out, rows, pack_cfg, cfg, device=device, log=log)
+    report["ids"] = rows["id"].tolist()  # which holdout rows the probabilities belong to
     try:
         check_fidelity(report, cfg)
         report["passed"] = True

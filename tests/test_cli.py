@@ -55,6 +55,13 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
     assert train["id"].tolist() == folds["id"].tolist()
     assert (run / "eda.md").exists() and (run / "tokenizer" / "tokenizer.json").exists()
     assert json.loads((run / "config" / "inputs" / "01_teacher_training.json").read_text())["name"] == "tiny"
+    report = (run / "report.md").read_text()  # 01–04 each evaluated their model; the demo gathered them
+    for section in ("## tiny (out of fold)", "## tiny-student (out of fold)", "## merged student (holdout)",
+                    "## GPTQ 8-bit student (holdout)"):
+        assert section in report, section
+    assert "](quantized/plots/reliability.png)" in report and (run / "quantized" / "plots" / "reliability.png").exists()
+    fitted = json.loads((run / "student" / "tiny-student" / "temperature.json").read_text())
+    assert json.loads((run / "quantized" / "temperature.json").read_text()) == fitted  # carried by merge, quantize
     oof = pd.read_parquet(run / "teachers" / "tiny" / "oof.parquet")
     assert sorted(oof["id"]) == sorted(train["id"]) and set(oof["fold"]) == {0, 1}
     student = pd.read_parquet(run / "student" / "tiny-student" / "oof.parquet")

@@ -356,3 +356,29 @@ def test_predict_proba_is_score_without_the_report(loaded, synth_frame):
     frame = synth_frame.iloc[:16]
     probs = inference.predict_proba(model, tok, frame, CFG, progress=False, log=lambda _: None)
     assert probs.shape == (16, 3) and np.array_equal(probs, _predict(model, tok, frame)[0])
+
+
+def test_temperature_divides_the_logits_of_each_pass_and_comes_from_the_model_folder(loaded, synth_frame,
+                                                                                       classifier, tmp_path):
+    """T from temperature.json (fitted on OOF logits) is applied before each softmax: log p_T = log p_1 / T + c
+    per row without TTA; an explicit temperature wins over the file."""
+    import dataclasses
+    import shutil
+
+    from lmsys_lib import evaluate
+
+    model, tok = loaded
+    rows = synth_frame.iloc[:24]
+    plain = dataclasses.replace(CFG, tta=False)
+    p1, _ = _predict(model, tok, rows, plain)
+    p2, _ = _predict(model, tok, rows, dataclasses.replace(plain, temperature=2.0))
+    centred = lambda p: np.log(p) - np.log(p).mean(axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(centred(p2), centred(p1) / 2, atol=1e-5)
+    folder = tmp_path / "model"
+    shutil.copytree(classifier, folder)
+    evaluate.save_temperature(folder, 2.0, {"log_loss_before": 1.2, "log_loss_after": 1.1, "rows": 9, "source": "t"})
+    assert inference.model_temperature(plain, folder, log=lambda _: None).temperature == 2.0
+    assert inference.model_temperature(dataclasses.replace(plain, temperature=0.5), folder).temperature == 0.5
+    assert inference.model_temperature(plain, classifier).temperature == 1.0  # no file: unchanged
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        InferenceConfig(temperature=0.0)

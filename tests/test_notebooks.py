@@ -89,7 +89,10 @@ def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
     for name in ("student", "student-labels-only"):
         assert len(pd.read_parquet(run_dir / "student" / name / "oof.parquet")) == 800
     executed = nbformat.read(tmp_path / "out02.ipynb", as_version=4)
-    comparison = executed.cells[-1].outputs[0]["data"]["text/plain"]
+    [cell] = [c for c in executed.cells if c.source.startswith("distill.comparison")]
+    comparison = cell.outputs[0]["data"]["text/plain"]
+    report = (run_dir / "student" / "student" / "evaluation.md").read_text()  # the evaluation section ran
+    assert "## student (out of fold)" in report and (run_dir / "student" / "student" / "temperature.json").exists()
     assert "student-labels-only" in comparison and "uniform guess" in comparison
 
     from lmsys_lib import synthetic
