@@ -616,8 +616,9 @@ def oof_report(model_dir: str | Path, data: pd.DataFrame, title: str, tokenizer:
         temperature = fit_temperature(logits, labels)
         fitted = temperature_report(logits, labels, temperature, source=str(model_dir / "oof.parquet"))
         save_temperature(model_dir, temperature, fitted, overwrite=True)  # a refit of the same OOF logits
+        at_bound = " — at the search bound: the logits carry almost no signal" if temperature >= 19.99 else ""
         extra.append(f"temperature fitted on these OOF logits: T = {temperature:.3f}, log loss "
-                     f"{fitted['log_loss_before']:.4f} → {fitted['log_loss_after']:.4f} ({TEMPERATURE_FILE})")
+                     f"{fitted['log_loss_before']:.4f} → {fitted['log_loss_after']:.4f} ({TEMPERATURE_FILE}){at_bound}")
     result = model_report(frame, softmax(logits), model_dir, title, n_tokens=n_tokens, truncated=truncated,
                           max_length=getattr(pack_cfg, "max_length", None), extra=extra)
     return result | {"temperature": temperature}
