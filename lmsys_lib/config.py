@@ -351,7 +351,7 @@ class InferenceConfig:
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default.
 
-    Sized for 2 CPU cores (about 13 minutes): the teacher is the real Gemma-3 270M (from its PyPI wheel) with a small LoRA
+    Sized for 2 CPU cores (most of CI's 19-minute test run): the teacher is the real Gemma-3 270M (from its PyPI wheel) with a small LoRA
     on 400 rows, 2 folds, 128 tokens; the student the real SmolLM2-135M, distilled the same way. At that scale it barely moves from the uniform guess — the demo
     shows the chain working end to end, not the recipe's score.
     """

@@ -244,16 +244,25 @@ class MetadataError(ValueError):
         super().__init__(f"{len(problems)} metadata problem(s):\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _read_meta(path: Path) -> tuple[dict[str, Any] | None, list[MetadataProblem]]:
+def _read_meta(path: Path) -> tuple[dict[str, Any] | None, list[MetadataProblem], Callable[[str, str], None]]:
+    """The metadata object (None when unreadable), its problem list, and ``add(field, message)`` filling it."""
+    problems: list[MetadataProblem] = []
+
+    def add(field: str, message: str) -> None:
+        problems.append(MetadataProblem(str(path), field, message))
+
     if not path.is_file():
-        return None, [MetadataProblem(str(path), "(file)", "missing")]
+        add("(file)", "missing")
+        return None, problems, add
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        return None, [MetadataProblem(str(path), "(file)", f"not valid JSON: {err}")]
+        add("(file)", f"not valid JSON: {err}")
+        return None, problems, add
     if not isinstance(data, dict):
-        return None, [MetadataProblem(str(path), "(file)", "must hold one JSON object")]
-    return data, []
+        add("(file)", "must hold one JSON object")
+        return None, problems, add
+    return data, problems, add
 
 
 def _check_ref(value: Any, field: str, add: Callable[[str, str], None], slug_len: tuple[int, int] = (1, 50),
@@ -314,13 +323,9 @@ def validate_kernel_metadata(folder: str | Path, submission: bool | None = None,
     for the submission kernel (``submission=None``: decided by the suite's table), no unknown keys (the CLI
     ignores a misspelt key silently). ``for_push``: the placeholder user is an error too."""
     path = Path(folder) / "kernel-metadata.json"
-    meta, problems = _read_meta(path)
+    meta, problems, add = _read_meta(path)
     if meta is None:
         return problems
-
-    def add(field: str, message: str) -> None:
-        problems.append(MetadataProblem(str(path), field, message))
-
     title, slug = _check_identity(meta, KERNEL_KEYS, (TITLE_MIN, TITLE_MAX), for_push, add)
     if slug and title and slug != slugify(title):
         add("id", f"slug {slug!r} must equal slugify(title) = {slugify(title)!r}")
@@ -379,13 +384,9 @@ def validate_dataset_metadata(folder: str | Path, for_push: bool = False) -> lis
     """The CLI's checks for ``datasets create/version`` (title and slug 6–50 characters, exactly one licence,
     subtitle 20–80), well-formed id, no unknown keys; ``for_push``: the placeholder user is an error."""
     path = Path(folder) / "dataset-metadata.json"
-    meta, problems = _read_meta(path)
+    meta, problems, add = _read_meta(path)
     if meta is None:
         return problems
-
-    def add(field: str, message: str) -> None:
-        problems.append(MetadataProblem(str(path), field, message))
-
     _check_identity(meta, DATASET_KEYS, (DATASET_SLUG_MIN, DATASET_SLUG_MAX), for_push, add)
     licenses = meta.get("licenses")
     if not isinstance(licenses, list) or len(licenses) != 1 or not isinstance(licenses[0], dict) \
