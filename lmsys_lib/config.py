@@ -285,9 +285,9 @@ class QuantizeConfig:
     Calibration rows are packed from the training data at ``calib_max_length`` and drawn across the length
     distribution (one row from each of ``calib_rows`` length bins), so long rows are represented. The
     first-place recipe: 8 bits, group size 128, 128 training texts, length 2,100. ``dtype="auto"``
-    quantises and runs in fp16 on a GPU (what a T4 runs; GPTQ Marlin on sm75 takes fp16 only) and bf16 on a
-    CPU (the torch kernel takes fp16/bf16, not fp32). The fidelity report compares the quantised model with
-    the unquantised one in that same dtype; ``max_mean_kl`` / ``min_agreement`` turn a bad quantisation into
+    quantises and runs in fp16 on a GPU (what a T4 runs; GPTQ Marlin on sm75 takes fp16 only) and in the
+    CPU's compute dtype on a CPU (``modeling.cpu_dtype``: fp32 unless the CPU has native bf16). The fidelity
+    report compares the quantised model with the unquantised one in that same dtype; ``max_mean_kl`` / ``min_agreement`` turn a bad quantisation into
     an error (``max_row_kl`` too when > 0).
     """
 
@@ -299,7 +299,7 @@ class QuantizeConfig:
     calib_rows: int = 128
     calib_max_length: int = 2100
     calib_seed: int = 0
-    dtype: str = "auto"  # "auto", "fp16" or "bf16"
+    dtype: str = "auto"  # "auto", "fp16", "bf16" or "fp32" (a CPU without native bf16)
     max_mean_kl: float = 1e-3
     max_row_kl: float = 0.0  # 0: not checked
     min_agreement: float = 0.98
@@ -311,7 +311,7 @@ class QuantizeConfig:
         _check(self.group_size == -1 or self.group_size >= 16, "group_size must be -1 or >= 16")
         _check(0.0 < self.damp_percent < 1.0, "damp_percent must be in (0, 1)")
         _check(self.calib_rows >= 1 and self.calib_max_length >= 16, "calib_rows >= 1, calib_max_length >= 16")
-        _check(self.dtype in ("auto", "fp16", "bf16"), "dtype must be auto, fp16 or bf16")
+        _check(self.dtype in ("auto", "fp16", "bf16", "fp32"), "dtype must be auto, fp16, bf16 or fp32")
         _check(self.max_mean_kl > 0 and self.max_row_kl >= 0, "max_mean_kl > 0, max_row_kl >= 0")
         _check(0.0 <= self.min_agreement <= 1.0, "min_agreement must be in [0, 1]")
         _check(self.eval_batch_size >= 1 and self.max_shard_gb > 0, "eval_batch_size >= 1, max_shard_gb > 0")
@@ -351,30 +351,34 @@ class InferenceConfig:
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default.
 
-    Sized for 2 CPU cores (most of CI's 19-minute test run): the teacher is the real Gemma-3 270M (from its PyPI wheel) with a small LoRA
-    on 400 rows, 2 folds, 128 tokens; the student the real SmolLM2-135M, distilled the same way. At that scale it barely moves from the uniform guess — the demo
-    shows the chain working end to end, not the recipe's score.
+    Sized to finish within 20 minutes on 2 CPU cores without native bf16 and with cold caches (measured
+    cold on a 2-core AMD EPYC, AVX2 only: see ``bench/RESULTS.md``): the teacher is the real Gemma-3 270M
+    (from its PyPI wheel) with a small LoRA on 320 rows, 2 folds, 96 tokens, evaluated once per fold (its
+    out-of-fold logits); the student the real SmolLM2-135M, distilled the same way; 64 holdout rows, 24
+    calibration rows, 120 test rows. A LoRA step of 8 rows × 128 tokens takes ~4 s there and a held-out batch
+    ~1.8 s (fp32, compute-bound), so rows × length × evaluations is the budget. At that scale it barely moves
+    from the uniform guess — the demo shows the chain working end to end, not the recipe's score.
     """
 
-    synth: SynthConfig = SynthConfig(n_train=400, n_test=200)
+    synth: SynthConfig = SynthConfig(n_train=320, n_test=120)
     folds: FoldConfig = FoldConfig(k=2)
     teacher: TeacherConfig = TeacherConfig(
         name="gemma3-270m",
         model=ModelConfig(model_dir="zoo:gemma3-270m", lora_r=8, lora_alpha=16, lora_dropout=0.0),
         train=TrainConfig(epochs=1.0, batch_size=8, grad_accum=1, lr=3e-5, head_lr=3e-5, warmup_ratio=0.1,
-                          eval_every=13, checkpoint_every=10),
-        pack=PackConfig(max_length=128))
+                          eval_every=0, checkpoint_every=10),
+        pack=PackConfig(max_length=96))
     student: DistillConfig = DistillConfig(
         name="smollm2-135m",
         model=ModelConfig(model_dir="zoo:smollm2-135m", lora_r=8, lora_alpha=16, lora_dropout=0.0),
         train=TrainConfig(epochs=1.0, batch_size=8, grad_accum=1, lr=1e-4, head_lr=3e-4, warmup_ratio=0.1,
-                          eval_every=13, checkpoint_every=10),
-        pack=PackConfig(max_length=128), teachers=("gemma3-270m",))
-    holdout_rows: int = 100  # labelled rows no stage trains on (merge and quantisation fidelity)
+                          eval_every=0, checkpoint_every=10),
+        pack=PackConfig(max_length=96), teachers=("gemma3-270m",))
+    holdout_rows: int = 64  # labelled rows no stage trains on (merge and quantisation fidelity)
     # SmolLM2-135M's widths (576, 1536) are multiples of 64, not of 128
-    quantize: QuantizeConfig = QuantizeConfig(group_size=64, calib_rows=64, calib_max_length=128)
-    inference: InferenceConfig = InferenceConfig(pack=PackConfig(max_length=128), token_budget=4096,
-                                                 degrade_max_length=128, checkpoint_every=64)
+    quantize: QuantizeConfig = QuantizeConfig(group_size=64, calib_rows=24, calib_max_length=96)
+    inference: InferenceConfig = InferenceConfig(pack=PackConfig(max_length=96), token_budget=4096,
+                                                 degrade_max_length=96, checkpoint_every=64)
     fraction: float = 1.0  # dry run: every notebook works on this share of its rows (0.1, 0.01)
 
     def __post_init__(self) -> None:

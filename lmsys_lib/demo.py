@@ -96,30 +96,41 @@ def run(run_dir: str | Path, cfg: C.DemoConfig | None = None, force: bool = Fals
     source = notebooks_dir(notebooks)
     d = run_dir / "data"
     data_cfg = {"synth": C.to_dict(cfg.synth), "holdout": cfg.holdout_rows}
-    _guarded(run_dir, "data", data_cfg, [d / n for n in ("train.csv", "test.csv", "sample_submission.csv",
-                                                          "holdout.csv")],
-             lambda: stage_data(run_dir, cfg.synth, cfg.holdout_rows), force, log)
+    start = time.perf_counter()
+    times = {"data": _guarded(run_dir, "data", data_cfg, [d / n for n in ("train.csv", "test.csv",
+                                                                          "sample_submission.csv", "holdout.csv")],
+                              lambda: stage_data(run_dir, cfg.synth, cfg.holdout_rows), force, log)}
     for stage in stages(run_dir, cfg):
         saved = {"params": _portable(stage.params, run_dir), "config": C.to_dict(stage.config) if stage.config else None,
                  "data": data_cfg}
-        _guarded(run_dir, stage.name, saved, list(stage.outputs),
-                 lambda stage=stage: _execute(source, stage, run_dir, log), force, log)
+        times[stage.name] = _guarded(run_dir, stage.name, saved, list(stage.outputs),
+                                     lambda stage=stage: _execute(source, stage, run_dir, log), force, log)
     log(f"[report] {evaluate.run_report(run_dir, title='arena-distill demo')}: where the log loss goes, model by model")
+    log(stage_times(times, time.perf_counter() - start))
     return run_dir
 
 
+def stage_times(times: dict[str, float | None], total: float) -> str:
+    """The wall time of each stage (None: skipped, already done) and of the whole run, as printed at the end."""
+    lines = [f"  {name:22s} {'skipped (done)' if t is None else f'{t:7.1f} s'}" for name, t in times.items()]
+    return "\n".join(["stage times:", *lines, f"  {'total':22s} {total:7.1f} s ({total / 60:.1f} min)"])
+
+
 def _guarded(run_dir: Path, name: str, stage_cfg: Any, outputs: list[Path], fn: Callable[[], str], force: bool,
-             log: Callable[[str], None]) -> None:
+             log: Callable[[str], None]) -> float | None:
+    """Run ``fn`` unless the stage is done with the same config; returns its wall seconds (None: skipped)."""
     if not C.claim_stage(run_dir, name, stage_cfg, force=force):
         missing = [str(p) for p in outputs if not p.exists()]
         if not missing:
             log(f"[{name}] already done in {run_dir} (same config) — skipped")
-            return
+            return None
         log(f"[{name}] outputs missing ({', '.join(missing)}) — running again")
     start = time.perf_counter()
     detail = fn()
     C.save_stage(run_dir, name, stage_cfg)
-    log(f"[{name}] {detail} ({time.perf_counter() - start:.1f} s)")
+    seconds = time.perf_counter() - start
+    log(f"[{name}] {detail} ({seconds:.1f} s)")
+    return seconds
 
 
 def _portable(params: dict[str, Any], run_dir: Path) -> dict[str, Any]:

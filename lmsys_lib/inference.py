@@ -480,7 +480,7 @@ def _forward(model: Any, tokenizer: Any, rows: list[Any]) -> np.ndarray:
 def _recompute_fp32(model: Any, tokenizer: Any, rows: list[Any]) -> list[np.ndarray]:
     """Each row alone (no padding) with the weights in fp32: floating parameters are swapped for fp32
     copies and the original tensors put back afterwards (exactly — nothing is cast back); buffers are
-    untouched. A quantised model keeps its weights (its kernels take no fp32): the rows are only re-run
+    untouched. A quantised model keeps its weights (its GPU kernels take no fp32): the rows are only re-run
     alone. A row that still fails comes back as NaN."""
     import torch
 
@@ -548,9 +548,9 @@ def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[st
         list[Any], Any, dict[str, Any]]:
     """One model per device (eval mode) + the tokenizer: a GPTQ folder through ``quantize.load_quantized``
     (the kernel recorded for the device), a plain checkpoint in fp16 on pre-Ampere GPUs (a T4 has no bf16),
-    bf16 on newer ones, fp32 on a CPU. Prints the device map of each model and warns if any part is off
-    its device."""
-    from .modeling import attention_for, dtype_for, load_tokenizer
+    bf16 on newer ones, and on a CPU in its compute dtype (``modeling.cpu_dtype``: fp32 unless the CPU has
+    native bf16). Prints the device map of each model and warns if any part is off its device."""
+    from .modeling import attention_for, cpu_dtype, dtype_for, load_tokenizer
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -566,7 +566,7 @@ def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[st
         else:
             from transformers import AutoConfig, AutoModelForSequenceClassification
 
-            dtype = dtype_for(device)
+            dtype = dtype_for(device) if device.type == "cuda" else cpu_dtype(log)
             model = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, dtype=dtype, attn_implementation=attention_for(AutoConfig.from_pretrained(model_dir)))
             model = model.to(device).eval()

@@ -10,12 +10,25 @@ Contract:
 - The dtype follows ``dtype_for``: bf16 on sm >= 80, fp16 on older GPUs (T4, sm75, has no bf16), fp32 on
   CPU. Gemma-2 soft-caps attention logits, which SDPA ignores: ``attn_implementation="auto"`` picks eager
   whenever the checkpoint's config sets ``attn_logit_softcapping``.
+- CPU dtype policy (``cpu_dtype``): a CPU without native bf16 instructions (AVX2-only x86: Intel before
+  Cooper Lake / Sapphire Rapids, AMD before Zen 4) runs bf16 and fp16 matmuls through slow fallback
+  kernels — measured 1.2 GFLOP/s against 179 in fp32 on a 2-core AMD EPYC (AVX2) — so every stage that
+  runs a model on a CPU without asking for a dtype (GPTQ calibration and its kernels, fidelity reports,
+  inference) computes in fp32 there, and in bf16 only where the CPU has native bf16 *and* a 256³ matmul
+  measured once per process confirms it is at least as fast. The choice and its reason are logged.
+  ``$LMSYS_CPU_DTYPE`` (fp32 / bf16 / fp16) forces it. Training on a CPU keeps fp32 weights in any case:
+  pure bf16 weights drop updates below half a bf16 ulp.
 
 Rank and device are passed in, never queried in a constructor. torch/transformers/peft imports are local.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +39,106 @@ PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>", "<|e
 TINY_FAMILIES = ("gemma2", "gemma3_text", "llama", "qwen2")
 
 
-def dtype_for(device: Any, requested: str = "auto") -> Any:
-    """torch dtype for ``device``: explicit when requested, else bf16 (sm >= 80), fp16 (older GPU), fp32 (CPU)."""
+CPU_DTYPE_ENV = "LMSYS_CPU_DTYPE"
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16 / AMX; Arm's "bf16" feature
+
+
+def _dtype(name: str) -> Any:
     import torch
 
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def dtype_for(device: Any, requested: str = "auto") -> Any:
+    """Training dtype for ``device``: explicit when requested, else bf16 (sm >= 80), fp16 (older GPU), fp32
+    (CPU: fp32 weights whatever the CPU, so small updates are never rounded away)."""
+    import torch
+
     if requested != "auto":
-        return table[requested]
+        return _dtype(requested)
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
     major, _ = torch.cuda.get_device_capability(device)
     return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def compute_dtype(device: Any, requested: str = "auto", log: Callable[[str], None] = print) -> Any:
+    """The dtype a model *runs* in on ``device`` (GPTQ calibration, quantised kernels, fidelity, inference):
+    explicit when requested; fp16 on a GPU (what a T4 runs; GPTQ Marlin on sm75 takes fp16 only);
+    ``cpu_dtype()`` on a CPU."""
+    import torch
+
+    if requested != "auto":
+        return _dtype(requested)
+    if torch.device(device).type == "cuda":
+        return torch.float16
+    return cpu_dtype(log)
+
+
+def cpu_dtype(log: Callable[[str], None] = print) -> Any:
+    """fp32 unless this CPU computes bf16 natively and measurably no slower (``$LMSYS_CPU_DTYPE`` forces a
+    dtype). Decided once per process (``cpu_dtype_choice``); the choice and its reason are logged."""
+    name, reason = cpu_dtype_choice()
+    log(f"CPU compute dtype: {name} — {reason}")
+    return _dtype(name)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_dtype_choice() -> tuple[str, str]:
+    """(dtype name, why) for this process: the environment override, else flags + a 256³ matmul timing."""
+    forced = os.environ.get(CPU_DTYPE_ENV, "").strip().lower()
+    if forced:
+        if forced not in DTYPE_NAMES:
+            raise ValueError(f"${CPU_DTYPE_ENV}={forced!r}: expected one of {DTYPE_NAMES}")
+        return forced, f"forced by ${CPU_DTYPE_ENV}"
+    probe = cpu_probe()
+    native = probe["native_bf16"]
+    speed = f"matmul fp32 {probe['gflops']['fp32']:.1f} GFLOP/s, bf16 {probe['gflops']['bf16']:.1f}"
+    flags = f"ISA {probe['capability']}, native bf16 flags {probe['bf16_flags'] or 'none'}"
+    if native is not False and probe["gflops"]["bf16"] >= probe["gflops"]["fp32"]:
+        return "bf16", f"{flags}; {speed}: bf16 is native and no slower"
+    why = "no native bf16" if native is False else "bf16 measured slower"
+    return "fp32", f"{flags}; {speed}: {why}, so fp32"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_probe(size: int = 256, seconds: float = 0.02) -> dict[str, Any]:
+    """What this CPU offers: torch's ISA level, the native-bf16 flags of ``/proc/cpuinfo`` (``native_bf16``
+    None where the flags cannot be read) and the GFLOP/s of a ``size``³ matmul per dtype (each timed for
+    about ``seconds`` after one warm-up; a slow fallback kernel stops after one call)."""
+    import torch
+
+    flags = cpu_flags()
+    found = sorted(set(NATIVE_BF16_FLAGS) & flags) if flags is not None else []
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_flags": found,
+            "native_bf16": bool(found) if flags is not None else None,
+            "gflops": {name: matmul_gflops(_dtype(name), size, seconds) for name in DTYPE_NAMES}}
+
+
+def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``), or None where they cannot be read."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"^(?:flags|Features)\s*:(.*)$", text, flags=re.MULTILINE)
+    return set(match.group(1).split()) if match else None
+
+
+def matmul_gflops(dtype: Any, size: int = 256, seconds: float = 0.02, rows: int | None = None) -> float:
+    """GFLOP/s of a (rows × size) @ (size × size) matmul in ``dtype`` on the CPU, after one warm-up call."""
+    import torch
+
+    rows = rows or size
+    a, b = torch.randn(rows, size).to(dtype), torch.randn(size, size).to(dtype)
+    a @ b
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+    return 2.0 * rows * size * size * calls / (time.perf_counter() - start) / 1e9
 
 
 def attention_for(model_config: Any, requested: str = "auto") -> str:

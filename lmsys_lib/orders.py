@@ -36,7 +36,7 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
     them on ``test_frame`` (labelled, unseen); returns one row per model. ``work_dir`` keeps every artefact."""
     from accelerate import Accelerator
 
-    from .modeling import load_tokenizer
+    from .modeling import compute_dtype, load_tokenizer
     from .prompting import Packer
     from .train import fit, pack_for_training
 
@@ -64,7 +64,7 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
     quantized = quantize.quantize(merged, work / "gptq", calib, quant_cfg, device=device, calib_summary=summary,
                                   log=log)
     prep_q = prep16 + time.perf_counter() - start
-    dtype = quantize.compute_dtype(device, quant_cfg.dtype)
+    dtype = compute_dtype(device, quant_cfg.dtype, log)
 
     start = time.perf_counter()
     model16 = quantize.load_reference(merged, device, dtype)

@@ -19,10 +19,14 @@ Contract:
 - ``load_quantized`` validates the folder first (config, shard index, safetensors headers against file
   sizes, missing weights) and names what is wrong; then tries the recorded kernels in order: on a CUDA GPU
   GPTQ Marlin (fp16 on a T4, sm75: Marlin there takes fp16 only), then Triton, then the torch kernel; on a
-  CPU the torch kernel (bf16).
-- ``fidelity_report`` compares quantised and unquantised on held-out rows: log loss of each, mean / max KL,
-  argmax agreement, max |Δlogit|, size on disk, load time and rows/s; ``check_fidelity`` raises
-  ``FidelityError`` when it misses the config's thresholds.
+  CPU the torch kernel, in the CPU's compute dtype (``modeling.cpu_dtype``: fp32 unless the CPU has native
+  bf16 — a CPU without it runs bf16 matmuls ~100× slower than fp32). GPT-QModel's CPU int8 kernel
+  (``gptq_torch_int8``) loads too but measured far slower than the torch kernel in fp32 on an AVX2 CPU
+  (``bench/bench_cpu_dtypes.py``), so it is not tried by default.
+- ``fidelity_report`` compares quantised and unquantised on held-out rows, both in the dtype the model will
+  run in on that device (recorded as ``dtype``): log loss of each, mean / max KL, argmax agreement,
+  max |Δlogit|, size on disk, load time and rows/s; ``check_fidelity`` raises ``FidelityError`` when it
+  misses the config's thresholds.
 
 CPU notes: GPT-QModel reads ``GPTQMODEL_CPU_WORKERS`` (set here to the core count, at most 12, unless
 already set); its first run JIT-compiles a small CPU extension (~30 s) into ``jit_cache_dir()``
@@ -86,15 +90,6 @@ def resolve_device(device: Any = "auto") -> Any:
     if device == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def compute_dtype(device: Any, requested: str = "auto") -> Any:
-    """fp16 on a GPU (what a T4 runs), bf16 on a CPU (the torch GPTQ kernel takes no fp32)."""
-    import torch
-
-    if requested != "auto":
-        return {"fp16": torch.float16, "bf16": torch.bfloat16}[requested]
-    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
 
 
 # -- calibration -----------------------------------------------------------------------------------
@@ -257,7 +252,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, GPTQConfig
 
-    from .modeling import attention_for, load_tokenizer
+    from .modeling import attention_for, compute_dtype, load_tokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
@@ -275,7 +270,7 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
         log(f"WARNING: GPTQ Marlin (the fast kernel on a T4) takes group sizes -1/32/64/128 and symmetric "
             f"quantisation only; with group_size {cfg.group_size}, sym {cfg.sym} a GPU falls back to a slower kernel")
     device = resolve_device(device)
-    dtype = compute_dtype(device, cfg.dtype)
+    dtype = compute_dtype(device, cfg.dtype, log)
     tokenizer = load_tokenizer(model_dir)
     data = [{"input_ids": torch.tensor([list(x)], dtype=torch.long),
              "attention_mask": torch.ones(1, len(x), dtype=torch.long)} for x in calib_ids]
@@ -294,6 +289,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     qc.dataset = None  # never write the calibration rows into config.json
     qc.tokenizer = None
     qc.backend = "auto"
+    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "") or "").split(".")[-1]
+    _store_unquantised_as(model, source_dtype)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=f"{int(cfg.max_shard_gb * 1024)}MB")
@@ -301,13 +298,13 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     problems = _layout_problems(tensor_shapes(tmp))
     if problems:
         raise RuntimeError(f"quantised checkpoint has the wrong layout: {'; '.join(problems)}")
-    source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "") or "").split(".")[-1]
     sidecar = {"source": str(model_dir), "source_dtype": source_dtype, "settings": dataclasses.asdict(cfg), "calibration": calib_summary or
                {"rows": len(calib_ids)}, "device": str(device), "dtype": str(dtype).split(".")[-1],
                "quantize_seconds": round(seconds, 2), "kernels": KERNELS, "versions": _versions(),
                "kernel_notes": "CUDA: GPTQ Marlin first (a T4, sm75, needs fp16; GPT-QModel builds it on first use, "
                                "which needs a CUDA compiler), else Triton, else the torch kernel; CPU: torch kernel "
-                               "(bf16). Override with load_quantized(..., backend=...)."}
+                               "in the CPU's compute dtype (fp32 without native bf16). Override with "
+                               "load_quantized(..., backend=..., dtype=...)."}
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
     if (model_dir / TEMPERATURE).is_file():  # the OOF-fitted temperature travels with the model
         shutil.copyfile(model_dir / TEMPERATURE, tmp / TEMPERATURE)
@@ -317,6 +314,21 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     log(f"quantised in {seconds:.1f} s → {out_dir} ({folder_bytes(out_dir) / 2**20:.1f} MiB, from "
         f"{folder_bytes(model_dir) / 2**20:.1f} MiB)")
     return out_dir
+
+
+def _store_unquantised_as(model: Any, source_dtype: str) -> None:
+    """Cast the weights GPTQ leaves unquantised (embeddings, norms, the score head) back to the merged
+    checkpoint's 16-bit dtype when calibration ran in fp32 (a CPU without native bf16): they came from that
+    dtype, so the cast is exact, and the folder stays as small as a 16-bit calibration's. GPTQ's own tensors
+    (qweight, scales, zeros) are buffers and keep their dtypes."""
+    import torch
+
+    target = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(source_dtype)
+    if target is None:
+        return
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != target:
+            param.data = param.data.to(target)
 
 
 def _check_group_size(model_dir: Path, group_size: int) -> None:
@@ -356,17 +368,20 @@ def _versions() -> dict[str, str]:
 
 
 def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None = None,
-                   log: Callable[[str], None] = print, allow_rejected: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+                   log: Callable[[str], None] = print, allow_rejected: bool = False,
+                   dtype: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
     """Validate and load a quantised checkpoint → (model in eval mode, tokenizer, info).
 
     ``backend`` forces one GPT-QModel kernel; else the kernels recorded for the device class are tried in
-    order. ``info`` says which kernel, dtype and load time.
+    order. ``dtype`` ("auto", "fp16", "bf16", "fp32"): "auto" is fp16 on a GPU (the dtype it was quantised
+    in on sm >= 80 when that was 16-bit) and ``modeling.cpu_dtype()`` on a CPU. ``info`` says which kernel,
+    dtype and load time.
     """
     prepare_env()
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, GPTQConfig
 
-    from .modeling import attention_for, load_tokenizer
+    from .modeling import attention_for, compute_dtype, load_tokenizer
 
     folder = Path(folder)
     config = validate_quantized(folder, allow_rejected)
@@ -374,9 +389,11 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
     device = resolve_device(device)
     sidecar = json.loads((folder / SIDECAR).read_text(encoding="utf-8")) if (folder / SIDECAR).exists() else {}
     kernels = [backend] if backend else (sidecar.get("kernels") or KERNELS)[device.type]
-    dtype = compute_dtype(device, "auto")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 and sidecar.get("dtype"):
-        dtype = getattr(torch, sidecar["dtype"])  # sm80+ runs the dtype it was quantised in
+    wanted = dtype
+    dtype = compute_dtype(device, wanted, log)
+    if wanted == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 \
+            and sidecar.get("dtype") in ("bfloat16", "float16"):
+        dtype = getattr(torch, sidecar["dtype"])  # sm80+ runs the 16-bit dtype it was quantised in
     failures = []
     for kernel in kernels:
         start = time.perf_counter()
@@ -391,6 +408,8 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
         missing = sorted(info["missing_keys"])
         if missing:
             raise QuantizedCheckpointError(f"{folder}: weights missing from the checkpoint: {missing[:5]}")
+        if device.type == "cpu":
+            eager_dequantize(model)
         seconds = time.perf_counter() - start
         layer = next(m for n, m in model.named_modules() if n.endswith(LINEAR_SUFFIXES))
         model.eval()
@@ -400,6 +419,21 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
             + (f"; unavailable: {failures}" if failures else ""))
         return model, load_tokenizer(folder), details
     raise RuntimeError(f"{folder}: no GPTQ kernel could load it on {device}: {failures}")
+
+
+def eager_dequantize(model: Any) -> int:
+    """Undo GPT-QModel's per-layer ``torch.compile`` of the torch kernel's dequantiser (CPU use).
+
+    On a CPU it buys nothing: measured on the demo's GPTQ-8 SmolLM2-135M (2 cores, fp32), steady forwards
+    take the same time compiled or eager (1.6-2.3 s per 8 rows), while a cold inductor cache spends 17-20 s
+    on each of the first forwards, and every one of the 210 layers recompiles until dynamo's limit (128)
+    sends the rest to eager anyway. Outputs are identical. Returns how many layers were reset."""
+    reset = 0
+    for module in model.modules():
+        if "dequantize_weight" in vars(module):  # the compiled wrapper shadows the class's own method
+            del module.dequantize_weight
+            reset += 1
+    return reset
 
 
 def _placement(device: Any) -> dict[str, Any]:
@@ -423,8 +457,10 @@ def load_reference(folder: str | Path, device: Any, dtype: Any) -> Any:
 
 def fidelity_report(reference_dir: str | Path, quantized_dir: str | Path, frame: pd.DataFrame,
                     pack_cfg: PackConfig, cfg: QuantizeConfig | None = None, device: Any = "auto",
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Quantised vs unquantised on ``frame``'s rows (held out from training), in the same dtype and device.
+                    log: Callable[[str], None] = print, dtype: str = "auto") -> dict[str, Any]:
+    """Quantised vs unquantised on ``frame``'s rows (held out from training), on ``device`` and both in the
+    dtype the quantised model runs in there (``load_quantized``'s choice for ``dtype``, recorded in the
+    report: on a CPU without native bf16 that is fp32; pass ``dtype="fp16"`` to check a T4's dtype on a CPU).
 
     Returns log loss of each (when ``frame`` has labels), mean and max KL(reference ‖ quantised), argmax
     agreement, max |Δlogit|, size on disk, load seconds and rows/s of each, the kernel used, and per-row
@@ -443,7 +479,7 @@ def fidelity_report(reference_dir: str | Path, quantized_dir: str | Path, frame:
     device = resolve_device(device)
     tokenizer = load_tokenizer(quantized_dir)
     ids = list(Packer(tokenizer, pack_cfg).pack_frame(frame)["input_ids"])
-    model, _, info = load_quantized(quantized_dir, device, log=log, allow_rejected=True)
+    model, _, info = load_quantized(quantized_dir, device, log=log, allow_rejected=True, dtype=dtype)
     dtype = model.dtype
 
     def timed_logits(m: Any) -> tuple[np.ndarray, float]:

@@ -98,8 +98,9 @@ def test_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, tokeniz
 
 
 @pytest.mark.slow
-def test_default_demo_trains_the_real_teacher_and_writes_oof_logits(tmp_path):
-    """`lmsys demo` exactly as the README starts it: the embedded default, the real Gemma-3 270M teacher."""
+def test_default_demo_trains_the_real_teacher_and_writes_oof_logits(tmp_path, capsys):
+    """`lmsys demo` exactly as the README starts it: the embedded default, the real Gemma-3 270M teacher.
+    Its stage times are printed (never asserted: they measure the machine, not the code)."""
     try:
         zoo.prepare_model("gemma3-270m")
     except FileNotFoundError as err:
@@ -107,6 +108,10 @@ def test_default_demo_trains_the_real_teacher_and_writes_oof_logits(tmp_path):
     run = tmp_path / "demo"
     proc = _lmsys("demo", "--run-dir", str(run))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    times = proc.stdout[proc.stdout.index("stage times:"):].split("\ndemo finished")[0]
+    with capsys.disabled():
+        print(f"\n{times}")
+    assert all(f"  {name}" in times for name in STAGES) and "CPU compute dtype: " in proc.stdout
     oof = pd.read_parquet(run / "teachers" / "gemma3-270m" / "oof.parquet")
     train = parsing.read_competition(run / "data" / "train.csv").frame
     assert sorted(oof["id"]) == sorted(train["id"]) and oof["id"].is_unique
