@@ -8,7 +8,8 @@ Printed, all measured in one run (nothing is asserted):
    here in fp32 on ``--calib-rows`` rows, or ``--quantized DIR``, e.g. ``runs/demo/quantized``) with the torch
    kernel in fp32, bf16 and fp16 and GPT-QModel's CPU int8 kernel in fp32, against its unquantised source in
    fp32 (the baseline) and bf16: seconds, tokens/s and the ratio to the fp32 baseline. Load time is printed
-   apart; the first forward after a load (torch.compile of the dequantiser, cold caches) is timed apart too.
+   apart; the first forward after a load (kernel set-up, cold caches) is timed apart too. On a CPU
+   ``load_quantized`` runs the dequantiser eagerly (``quantize.eager_dequantize``).
 
     python bench/bench_cpu_dtypes.py                     # ~10 min on a 2-core AVX2 CPU (the 16-bit rows dominate)
     python bench/bench_cpu_dtypes.py --skip-slow         # fp32 rows only (when bf16 is known to be slow)
@@ -44,7 +45,7 @@ def matmul_table() -> list[dict[str, Any]]:
 
     rows = []
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        rows.append({"dtype": name, "gflops": modeling.matmul_gflops(dtype, size=576, seconds=0.5, rows=1024)})
+        rows.append({"dtype": name, "gflops": modeling.matmul_gflops(dtype, size=576, seconds=0.5, rows=1024, cols=1536)})
     return rows
 
 
@@ -124,7 +125,8 @@ def model_table(merged: Path, qdir: Path, rows: int, tokens: int, skip_slow: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quantized", help="a GPTQ folder to time (its quantize.json names the source)")
+    parser.add_argument("--quantized", help="a GPTQ folder to time (with --merged, its unquantised source)")
+    parser.add_argument("--merged", help="the unquantised source of --quantized (default: quantize.json's source)")
     parser.add_argument("--rows", type=int, default=4, help="rows in the timed batch")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per row")
     parser.add_argument("--calib-rows", type=int, default=16)
@@ -142,12 +144,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.quantized:
             qdir = Path(args.quantized)
-            merged = Path(json.loads((qdir / quantize.SIDECAR).read_text())["source"])
+            merged = Path(args.merged or json.loads((qdir / quantize.SIDECAR).read_text())["source"])
+            if not (merged / "config.json").is_file():
+                raise SystemExit(f"{merged}: no unquantised checkpoint there; pass --merged DIR")
         else:
             merged, qdir = build_quantized(Path(tmp), args.calib_rows, args.tokens)
         print(f"\nforward of {args.rows} × {args.tokens} tokens ({qdir})")
         rows = model_table(merged, qdir, args.rows, args.tokens, args.skip_slow)
-    base = rows[0]["tokens_per_s"]
+    baseline = [r for r in rows if r["model"].endswith("(baseline)")]
+    if not baseline:
+        raise SystemExit("the fp32 baseline did not run: no ratios to print")
+    base = baseline[0]["tokens_per_s"]
     print(f"\n{'model':32s} {'load s':>7s} {'1st fwd s':>9s} {'fwd s':>7s} {'tokens/s':>9s} {'× fp32 dense':>12s}")
     for row in rows:
         print(f"{row['model']:32s} {row['load_s']:7.1f} {row['first_s']:9.1f} {row['forward_s']:7.2f} "

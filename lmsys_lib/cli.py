@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size (checkpoint form)")
     p.set_defaults(fn=_cmd_merge)
 
-    p = sub.add_parser("quantize", help="GPTQ the merged classifier (8-bit default, head kept 16-bit) and check "
+    p = sub.add_parser("quantize", help="GPTQ the merged classifier (8-bit default, head kept unquantised) and check "
                        "its fidelity on held-out rows; exit 1 when it misses the thresholds")
     p.add_argument("--model", required=True, help="the merged 16-bit classifier folder (lmsys merge)")
     p.add_argument("--out", required=True, help="output folder (quantised checkpoint + fidelity.json)")

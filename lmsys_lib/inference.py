@@ -566,7 +566,7 @@ def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[st
         else:
             from transformers import AutoConfig, AutoModelForSequenceClassification
 
-            dtype = dtype_for(device) if device.type == "cuda" else cpu_dtype(log)
+            dtype = cpu_dtype(log) if device.type == "cpu" else dtype_for(device)
             model = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, dtype=dtype, attn_implementation=attention_for(AutoConfig.from_pretrained(model_dir)))
             model = model.to(device).eval()

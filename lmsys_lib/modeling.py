@@ -66,15 +66,16 @@ def dtype_for(device: Any, requested: str = "auto") -> Any:
 
 def compute_dtype(device: Any, requested: str = "auto", log: Callable[[str], None] = print) -> Any:
     """The dtype a model *runs* in on ``device`` (GPTQ calibration, quantised kernels, fidelity, inference):
-    explicit when requested; fp16 on a GPU (what a T4 runs; GPTQ Marlin on sm75 takes fp16 only);
-    ``cpu_dtype()`` on a CPU."""
+    explicit when requested; fp16 on a CUDA GPU (what a T4 runs; GPTQ Marlin on sm75 takes fp16 only);
+    ``cpu_dtype()`` on a CPU; bf16 on other accelerators."""
     import torch
 
     if requested != "auto":
         return _dtype(requested)
-    if torch.device(device).type == "cuda":
-        return torch.float16
-    return cpu_dtype(log)
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return cpu_dtype(log)
+    return torch.float16 if kind == "cuda" else torch.bfloat16
 
 
 def cpu_dtype(log: Callable[[str], None] = print) -> Any:
@@ -127,18 +128,20 @@ def cpu_flags(path: str | Path = "/proc/cpuinfo") -> set[str] | None:
     return set(match.group(1).split()) if match else None
 
 
-def matmul_gflops(dtype: Any, size: int = 256, seconds: float = 0.02, rows: int | None = None) -> float:
-    """GFLOP/s of a (rows × size) @ (size × size) matmul in ``dtype`` on the CPU, after one warm-up call."""
+def matmul_gflops(dtype: Any, size: int = 256, seconds: float = 0.02, rows: int | None = None,
+                  cols: int | None = None) -> float:
+    """GFLOP/s of a (rows × size) @ (size × cols) matmul in ``dtype`` on the CPU (rows, cols default to
+    size), after one warm-up call."""
     import torch
 
-    rows = rows or size
-    a, b = torch.randn(rows, size).to(dtype), torch.randn(size, size).to(dtype)
+    rows, cols = rows or size, cols or size
+    a, b = torch.randn(rows, size).to(dtype), torch.randn(size, cols).to(dtype)
     a @ b
     calls, start = 0, time.perf_counter()
     while calls == 0 or time.perf_counter() - start < seconds:
         a @ b
         calls += 1
-    return 2.0 * rows * size * size * calls / (time.perf_counter() - start) / 1e9
+    return 2.0 * rows * size * cols * calls / (time.perf_counter() - start) / 1e9
 
 
 def attention_for(model_config: Any, requested: str = "auto") -> str:

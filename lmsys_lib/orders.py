@@ -71,7 +71,7 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
     rows.append(_score("16-bit LoRA → merge (not quantised)", model16, test_ids, labels, tokenizer, device,
                        quantize.folder_bytes(merged), time.perf_counter() - start, prep16))
     del model16
-    model_q, _, info = quantize.load_quantized(quantized, device, log=log)
+    model_q, _, info = quantize.load_quantized(quantized, device, log=log, dtype=quant_cfg.dtype)
     rows.append(_score(f"16-bit LoRA → merge → GPTQ-{quant_cfg.bits}", model_q, test_ids, labels, tokenizer, device,
                        quantize.folder_bytes(quantized), info["load_seconds"], prep_q))
     del model_q

@@ -239,7 +239,7 @@ def folder_bytes(folder: str | Path) -> int:
 def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Sequence[int]], cfg: QuantizeConfig,
              device: Any = "auto", calib_summary: dict[str, Any] | None = None,
              log: Callable[[str], None] = print) -> Path:
-    """GPTQ the decoder linears of the classifier in ``model_dir`` → ``out_dir`` (score head kept 16-bit).
+    """GPTQ the decoder linears of the classifier in ``model_dir`` → ``out_dir`` (score head kept unquantised).
 
     Args:
         model_dir: a plain (merged) ``*ForSequenceClassification`` checkpoint with its tokenizer.
@@ -290,7 +290,8 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     qc.tokenizer = None
     qc.backend = "auto"
     source_dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "") or "").split(".")[-1]
-    _store_unquantised_as(model, source_dtype)
+    if dtype == torch.float32:
+        _store_unquantised_as_source(model, model_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=f"{int(cfg.max_shard_gb * 1024)}MB")
@@ -316,18 +317,21 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     return out_dir
 
 
-def _store_unquantised_as(model: Any, source_dtype: str) -> None:
-    """Cast the weights GPTQ leaves unquantised (embeddings, norms, the score head) back to the merged
-    checkpoint's 16-bit dtype when calibration ran in fp32 (a CPU without native bf16): they came from that
-    dtype, so the cast is exact, and the folder stays as small as a 16-bit calibration's. GPTQ's own tensors
-    (qweight, scales, zeros) are buffers and keep their dtypes."""
+def _store_unquantised_as_source(model: Any, model_dir: Path) -> None:
+    """After an fp32 calibration (a CPU without native bf16), cast each weight GPTQ left unquantised
+    (embeddings, norms, the score head) back to its own 16-bit dtype in the merged checkpoint (read from the
+    safetensors headers): it came from there, so the cast is exact and the folder stays as small as a 16-bit
+    calibration's. Weights stored in fp32 stay fp32; GPTQ's own tensors (qweight, scales, zeros, biases) are
+    buffers and keep their dtypes."""
     import torch
 
-    target = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(source_dtype)
-    if target is None:
-        return
-    for param in model.parameters():
-        if param.is_floating_point() and param.dtype != target:
+    from .merge import _safetensor_files
+
+    stored = {key: value["dtype"] for file in _safetensor_files(model_dir) for key, value in read_header(file).items()}
+    half = {"BF16": torch.bfloat16, "F16": torch.float16}
+    for name, param in model.named_parameters():
+        target = half.get(stored.get(name, ""))
+        if target is not None and param.dtype == torch.float32:
             param.data = param.data.to(target)
 
 
@@ -391,9 +395,10 @@ def load_quantized(folder: str | Path, device: Any = "cpu", backend: str | None 
     kernels = [backend] if backend else (sidecar.get("kernels") or KERNELS)[device.type]
     wanted = dtype
     dtype = compute_dtype(device, wanted, log)
-    if wanted == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 \
-            and sidecar.get("dtype") in ("bfloat16", "float16"):
-        dtype = getattr(torch, sidecar["dtype"])  # sm80+ runs the 16-bit dtype it was quantised in
+    if wanted == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        half = [d for d in (sidecar.get("dtype"), sidecar.get("source_dtype")) if d in ("bfloat16", "float16")]
+        if half:  # sm80+ runs the 16-bit dtype it was quantised in (or, after an fp32 CPU calibration, trained in)
+            dtype = getattr(torch, half[0])
     failures = []
     for kernel in kernels:
         start = time.perf_counter()
@@ -595,7 +600,7 @@ def run(model_dir: str | Path, out_dir: str | Path, train_csv: str | Path, holdo
         f"(all rows {summary['all_lengths']})")
     out = quantize(model_dir, out_dir, ids, cfg, device=device, calib_summary=summary, log=log)
     rows = subsample(read_competition(holdout_csv).frame, fraction)
-    report = fidelity_report(model_dir, out, rows, pack_cfg, cfg, device=device, log=log)
+    report = fidelity_report(model_dir, out, rows, pack_cfg, cfg, device=device, log=log, dtype=cfg.dtype)
     report["ids"] = rows["id"].tolist()  # which holdout rows the probabilities belong to
     try:
         check_fidelity(report, cfg)

@@ -79,7 +79,8 @@ def test_explicit_and_environment_dtypes_win(policy, monkeypatch):
         modeling.cpu_dtype()
 
 
-def test_the_real_probe_measures_every_dtype():
+def test_the_real_probe_measures_every_dtype(policy):
+    policy(modeling.cpu_probe)  # the real probe, without $LMSYS_CPU_DTYPE
     probe = modeling.cpu_probe()
     assert set(probe["gflops"]) == {"fp32", "bf16", "fp16"} and all(v > 0 for v in probe["gflops"].values())
     name, reason = modeling.cpu_dtype_choice()
@@ -147,4 +148,14 @@ def test_a_forced_dtype_still_quantises_and_reports_in_it(policy, tmp_path, toke
     assert model.dtype == torch.bfloat16 and info["dtype"] == "bfloat16"
     report = quantize.fidelity_report(cls, qdir, synth_frame.iloc[600:620], PACK, cfg, device="cpu",
                                       log=lambda _: None, dtype="bf16")
+    assert report["dtype"] == "bfloat16"
+    assert quantize.tensor_shapes(qdir)["score.weight"][1] == "BF16"  # a 16-bit calibration stores its own dtype
+
+
+def test_the_quantize_stage_checks_fidelity_in_the_forced_dtype(policy, tmp_path, tokenizer, synth_dir):
+    policy(_probe(False))
+    cls = _classifier(tokenizer, tmp_path, torch.float32)
+    cfg = dataclasses.replace(CFG, dtype="bf16", min_agreement=0.0)
+    report = quantize.run(cls, tmp_path / "q", synth_dir / "train.csv", synth_dir / "train.csv", PACK, cfg,
+                          device="cpu", fraction=0.05, log=lambda _: None)
     assert report["dtype"] == "bfloat16"
