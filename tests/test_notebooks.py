@@ -34,6 +34,13 @@ def test_notebooks_are_thin(path):
         assert not found, f"logic belongs in lmsys_lib, not in a notebook cell: {found}"
         assert cell.source.count("\n") <= 12
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    assigned = [getattr(t, "id", None) for node in ast.parse(params[0].source).body for t in node.targets]
+    assert None not in assigned, "one name per assignment: papermill reads nothing else (`k, seed = 5, 42`)"
+    seen = pm.inspect_notebook(str(path))
+    hidden = [name for name in assigned if name not in seen]
+    assert not hidden, f"parameters papermill cannot see (one assignment per line, no '=' in the comment): {hidden}"
+    commented = [line.split("=")[0].strip() for line in params[0].source.splitlines() if "  #" in line]
+    assert all(seen[name]["help"] for name in commented), "a parameter's comment is its help"
 
 
 def test_eda_notebook_runs_headless(synth_dir, tmp_path):
