@@ -84,14 +84,63 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_config(path: str | None) -> dict[str, Any]:
+    """A stage's JSON config file (an object), or {} when none is given; errors name the file."""
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields")
+    return data
+
+
+def apply_settings(data: dict[str, Any], settings: Sequence[str] | None) -> dict[str, Any]:
+    """``--set train.max_steps=2 pack.max_length=96 model.model_dir=zoo:smollm2-135m``: dotted keys into the
+    config dict (values read as JSON when they parse — numbers, booleans, lists — else as text). Unknown keys
+    are refused when the config is built, naming them."""
+    out = json.loads(json.dumps(data))
+    for item in settings or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. train.max_steps=2)")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {part} is not an object")
+        node[leaf] = value
+    return out
+
+
+def parse_folds(values: Sequence[str] | None) -> list[int] | None:
+    """``--folds 0,1`` or ``--folds 0 1`` → [0, 1]; None when not given."""
+    if values is None:
+        return None
+    try:
+        return [int(x) for v in values for x in str(v).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--folds {' '.join(values)}: expected fold numbers, e.g. 0,1") from None
+
+
 def _fold_stage_config(args: argparse.Namespace, cls: type, overrides: tuple[str, ...]) -> Any:
-    """A fold stage's config (``TeacherConfig``/``DistillConfig``): the JSON file, then the command-line overrides."""
+    """A fold stage's config (``TeacherConfig``/``DistillConfig``): the JSON file, ``--set``, then the flags."""
     from .config import from_dict
 
-    data = json.loads(Path(args.config).read_text()) if args.config else {}
+    data = apply_settings(_read_config(args.config), args.set)
     data.setdefault("model", {})
     if args.model_dir:
         data["model"]["model_dir"] = args.model_dir
+    folds = parse_folds(args.folds)
+    if folds is not None:
+        data["folds"] = folds
     for key in overrides:
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
@@ -102,10 +151,10 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     from . import teacher
     from .config import TeacherConfig
 
-    cfg = _fold_stage_config(args, TeacherConfig, ("name", "folds"))
+    cfg = _fold_stage_config(args, TeacherConfig, ("name", "fraction"))
     if args.pretrain_data:
         cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, data=tuple(args.pretrain_data)))
-    print(teacher.run(args.run_dir, cfg))
+    print(teacher.run(args.run_dir, cfg, force=args.force))
     return 0
 
 
@@ -113,14 +162,50 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from . import distill
     from .config import DistillConfig
 
-    print(distill.run(args.run_dir, _fold_stage_config(args, DistillConfig, ("name", "folds", "teachers"))))
+    cfg = _fold_stage_config(args, DistillConfig, ("name", "teachers", "targets", "fraction"))
+    print(distill.run(args.run_dir, cfg, force=args.force))
     return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare
+
+    result = prepare(args.run_dir, args.train, extra=args.extra or (), folds=args.folds, holdout=args.holdout,
+                     seed=args.seed, share=args.share, force=args.force)
+    print(f"{result.run_dir}/data: {result.report['train_rows']} train rows in {args.folds} folds, "
+          f"{result.report['holdout_rows']} holdout rows" + (" (already prepared)" if result.skipped else ""))
+    return 0
+
+
+def _cmd_import_logits(args: argparse.Namespace) -> int:
+    from . import teacher
+
+    summary = teacher.import_logits(args.run_dir, args.file, name=args.name, force=args.force)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from . import recipe
+
+    plan = recipe.plan(args.recipe, run_dir=args.run_dir, price_per_hour=args.price_per_hour)
+    print(recipe.render(plan))
+    return 0 if all(stage["fits"] for stage in plan["stages"]) else 1
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from . import merge
     from .zoo import resolve_model_dir
 
+    if args.run_dir:
+        if args.adapters or args.folds_dir:
+            raise ValueError("--run-dir merges the run's own folds: leave out --adapters/--folds-dir")
+        out = merge.run(args.run_dir, args.name, base=args.base, out_dir=args.out,
+                        max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), force=args.force)
+        print(out)
+        return 0
+    if not (args.adapters or args.folds_dir) or not args.base or not args.out:
+        raise ValueError("give --run-dir RUN (the run's folds), or --base, --out and --folds-dir/--adapters")
     adapters = merge.read_adapters(args.adapters or merge.fold_adapters(args.folds_dir))  # read once
     base = resolve_model_dir(args.base)
     if args.form == "checkpoint":
@@ -136,26 +221,58 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from . import quantize
     from .config import PackConfig, QuantizeConfig, from_dict
+    from .contract import pack_for
     from .zoo import resolve_model_dir
 
-    data = json.loads(Path(args.config).read_text()) if args.config else {}
+    data = apply_settings(_read_config(args.config), args.set)
     for key in ("bits", "group_size", "desc_act", "calib_rows", "calib_max_length", "max_mean_kl", "min_agreement"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     cfg = from_dict(QuantizeConfig, data)
-    pack = json.loads(Path(args.pack_config).read_text()) if args.pack_config else {}
-    if args.max_length:
-        pack["max_length"] = args.max_length
+    paths = _run_paths(args, {"model": "merged", "out": "quantized", "data": "data/train.csv",
+                              "holdout": "data/holdout.csv"})
+    model = resolve_model_dir(paths["model"])
+    explicit = from_dict(PackConfig, _read_config(args.pack_config)) if args.pack_config else None
+    pack = pack_for(model, explicit, max_length=args.max_length)
+    if _quantized_already(Path(paths["out"]), cfg, args.force):
+        return 0
     try:
-        report = quantize.run(resolve_model_dir(args.model), args.out, args.data, args.holdout,
-                              from_dict(PackConfig, pack), cfg, device=args.device)
+        report = quantize.run(model, paths["out"], paths["data"], paths["holdout"], pack, cfg, device=args.device,
+                              fraction=args.fraction)
     except quantize.FidelityError as err:
-        print(f"lmsys quantize: {err}\n(report: {Path(args.out) / 'fidelity.json'})", file=sys.stderr)
+        print(f"lmsys quantize: {err}\n(report: {Path(paths['out']) / 'fidelity.json'})", file=sys.stderr)
         return 1
     print(quantize.report_table(report).to_string(index=False))
-    print(f"{args.out}: faithful (mean KL {report['kl_mean']:.2e} <= {cfg.max_mean_kl:g}, "
+    print(f"{paths['out']}: faithful (mean KL {report['kl_mean']:.2e} <= {cfg.max_mean_kl:g}, "
           f"agreement {report['argmax_agreement']:.3f} >= {cfg.min_agreement:g})")
     return 0
+
+
+def _run_paths(args: argparse.Namespace, defaults: dict[str, str]) -> dict[str, str]:
+    """Each path flag, or — with ``--run-dir`` — its place in the run folder; a missing one names the flag."""
+    out = {}
+    for key, inside in defaults.items():
+        value = getattr(args, key, None)
+        if value is None and getattr(args, "run_dir", None):
+            value = str(Path(args.run_dir) / inside)
+        if value is None:
+            raise ValueError(f"--{key.replace('_', '-')} is needed (or --run-dir RUN: {inside} inside it)")
+        out[key] = value
+    return out
+
+
+def _quantized_already(out: Path, cfg: Any, force: bool) -> bool:
+    """A passed quantisation with the same settings in ``out`` is kept unless forced (never redone silently)."""
+    from .config import to_dict
+
+    sidecar, report = out / "quantize.json", out / "fidelity.json"
+    if force or not (sidecar.is_file() and report.is_file()):
+        return False
+    same = json.loads(sidecar.read_text(encoding="utf-8")).get("settings") == to_dict(cfg)
+    if same and json.loads(report.read_text(encoding="utf-8")).get("passed"):
+        print(f"{out}: quantised with these settings already, fidelity passed — kept (--force to redo)")
+        return True
+    return False
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -163,11 +280,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .config import InferenceConfig, PackConfig, from_dict
     from .parsing import read_competition
 
-    data = json.loads(Path(args.config).read_text()) if args.config else {}
+    data = apply_settings(_read_config(args.config), args.set)
+    explicit_pack = "pack" in data and bool(set(data["pack"]) - {"max_length"}) or bool(args.pack_config)
     if args.pack_config:  # the format the model was trained with; --max-length overrides its length
-        data["pack"] = json.loads(Path(args.pack_config).read_text())
+        data["pack"] = _read_config(args.pack_config)
     if args.max_length is not None:
         data.setdefault("pack", {})["max_length"] = args.max_length
+    paths = _run_paths(args, {"model": _default_model(args), "data": "data/holdout.csv",
+                              "out": "predict/holdout_submission.csv"})
+    args.model, args.data, args.out = paths["model"], paths["data"], paths["out"]
     if args.time_budget:
         data["time_budget_s"] = inference.parse_duration(args.time_budget)
     if args.tta is not None:
@@ -178,7 +299,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     data["degrade_max_length"] = min(data.get("degrade_max_length", InferenceConfig.degrade_max_length),
                                      pack.max_length)
     cfg = from_dict(InferenceConfig, data)
-    if args.temperature is None and not args.no_temperature:
+    cfg = inference.model_pack(cfg, args.model, explicit=explicit_pack)
+    if args.no_temperature:
+        cfg = dataclasses.replace(cfg, temperature=1.0)
+    else:
         cfg = inference.model_temperature(cfg, args.model)
     result = read_competition(args.data, on_bad_cell="text")  # an undecodable cell stays as raw text: no row lost
     for problem in result.warnings[:20]:
@@ -202,6 +326,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_model(args: argparse.Namespace) -> str:
+    """A run folder's model to score with: ``quantized/`` when it is there, else ``merged/``."""
+    if getattr(args, "run_dir", None) and not (Path(args.run_dir) / "quantized" / "config.json").is_file():
+        return "merged"
+    return "quantized"
+
+
 def _cmd_fetch_models(args: argparse.Namespace) -> int:
     from .zoo import ZOO, prepare_model
 
@@ -217,6 +348,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import log_loss
     from .parsing import read_competition
 
+    if args.data is None and args.run_dir:  # OOF logits cover the train rows; anything else the holdout
+        args.data = str(Path(args.run_dir) / "data" / ("train.csv" if str(args.pred).endswith(".parquet")
+                                                         else "holdout.csv"))
+    if args.data is None:
+        raise ValueError("--data is needed (or --run-dir RUN: its data/holdout.csv, or data/train.csv for OOF logits)")
     data = read_competition(args.data).frame
     frame, probs, logits = evaluate.read_predictions(args.pred, data, teacher=args.teacher)
     report = evaluate.segment_report(frame, probs, min_rows=args.min_rows)
@@ -302,6 +438,15 @@ def _kaggle_push(args: argparse.Namespace, kaggle: Any, user: str | None) -> int
     return kaggle.push(steps, dry_run=args.dry_run)
 
 
+def _fold_stage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folds", nargs="*", help="only these folds, e.g. 0,1 (default: all; folds trained on several "
+                   "machines gather in one run folder)")
+    p.add_argument("--fraction", type=float, help="dry run: train and evaluate on this share of each fold")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                   help="override config fields by dotted key, e.g. train.max_steps=2 pack.max_length=96")
+    p.add_argument("--force", action="store_true", help="train the folds it runs again from scratch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmsys", description="arena-distill: LMSYS Chatbot Arena tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON TeacherConfig: name, model, train, pack, folds, fraction, pretrain")
     p.add_argument("--model-dir", help="HF checkpoint folder (overrides the config's model.model_dir)")
     p.add_argument("--name", help="teacher name (overrides the config's)")
-    p.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
+    _fold_stage_flags(p)
     p.add_argument("--pretrain-data", nargs="+", metavar="FILE",
                    help="post-pretrain on these extra preference files first (33k set, UltraFeedback-derived)")
     p.set_defaults(fn=_cmd_teacher)
@@ -332,15 +477,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help="student checkpoint folder or zoo:<name> (overrides model.model_dir)")
     p.add_argument("--name", help="student name (overrides the config's)")
     p.add_argument("--teachers", nargs="*", help="teacher names to distil from (none: hard labels only)")
-    p.add_argument("--folds", type=int, nargs="*", help="only these folds (default: all)")
+    p.add_argument("--targets", choices=("in_fold", "oof"),
+                   help="in_fold (default): fold k learns teacher fold k's logits of its rows; oof: the OOF logits")
+    _fold_stage_flags(p)
     p.set_defaults(fn=_cmd_distill)
 
+    p = sub.add_parser("prepare", help="make a run folder's data: validate, de-duplicate, prompt-grouped folds and a "
+                       "holdout no stage trains on", epilog="example: lmsys prepare --train train.csv --run-dir "
+                       "runs/winner --folds 5 --holdout 0.05 --extra ultrafeedback.csv")
+    p.add_argument("--train", required=True, help="the competition's train.csv")
+    p.add_argument("--extra", nargs="+", metavar="FILE",
+                   help="extra preference data for post-pretraining (33k set, UltraFeedback-derived) → data/extra.csv")
+    p.add_argument("--run-dir", required=True, help="the run folder (its data/ is written)")
+    p.add_argument("--folds", type=int, default=5, help="prompt-grouped folds (default 5)")
+    p.add_argument("--holdout", type=float, default=0.05, help="share of rows no stage trains on (default 0.05)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the holdout and the folds (default 42)")
+    p.add_argument("--share", type=float, default=1.0,
+                   help="keep this share of the prompt groups first (a rehearsal on less data; default 1)")
+    p.add_argument("--force", action="store_true", help="replace a run folder's data prepared from other files")
+    p.set_defaults(fn=_cmd_prepare)
+
+    p = sub.add_parser("import-logits", help="bring teacher logits made elsewhere into a run folder (validated "
+                       "against its folds)", epilog="schema (parquet): id, fold, logit_a, logit_b, logit_tie, "
+                       "teacher, split ('held_out': fold model `fold` did not train on row `id` — the OOF logits; "
+                       "'train': it did — the in-fold targets). See README, 'Logits made elsewhere'.")
+    p.add_argument("--run-dir", required=True, help="the run folder (lmsys prepare)")
+    p.add_argument("--file", required=True, help="the parquet file of logits")
+    p.add_argument("--name", help="the teacher's name in the run (default: the file's teacher column)")
+    p.add_argument("--force", action="store_true", help="replace a teacher of that name")
+    p.set_defaults(fn=_cmd_import_logits)
+
+    p = sub.add_parser("plan", help="the runbook of a recipe: each stage's command, hardware, hours, cost and "
+                       "memory fit", epilog="example: lmsys plan --recipe configs/recipe/winner")
+    p.add_argument("--recipe", required=True, help="a recipe folder (recipe.json + one JSON config per stage)")
+    p.add_argument("--run-dir", help="a prepared run folder: its row counts replace the recipe's")
+    p.add_argument("--price-per-hour", type=float, help="USD per machine-hour, for every stage")
+    p.set_defaults(fn=_cmd_plan)
+
     p = sub.add_parser("merge", help="fuse fold LoRA adapters exactly: W + mean_k(s_k·B_k·A_k)")
-    p.add_argument("--base", required=True, help="the 16-bit base checkpoint the adapters were trained on (or zoo:…)")
-    group = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--run-dir", help="a run folder: merge its student --name's folds into <run>/merged, onto the base "
+                   "they were trained from")
+    p.add_argument("--name", default="student", help="with --run-dir: the student (or teacher) to merge")
+    p.add_argument("--force", action="store_true", help="with --run-dir: merge again over a finished merge")
+    p.add_argument("--base", help="the 16-bit base checkpoint the adapters were trained on (zoo:…, a hub id, a "
+                   "folder); with --run-dir found in the run")
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--folds-dir", help="a student/teacher folder holding fold*/adapter")
     group.add_argument("--adapters", nargs="+", help="adapter folders")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (with --run-dir: <run>/merged)")
     p.add_argument("--form", choices=("checkpoint", "adapter"), default="checkpoint",
                    help="checkpoint: plain HF model (default); adapter: the exact stacked LoRA (rank Σ r_k)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size (checkpoint form)")
@@ -348,37 +532,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="GPTQ the merged classifier (8-bit default, head kept unquantised) and check "
                        "its fidelity on held-out rows; exit 1 when it misses the thresholds")
-    p.add_argument("--model", required=True, help="the merged 16-bit classifier folder (lmsys merge)")
-    p.add_argument("--out", required=True, help="output folder (quantised checkpoint + fidelity.json)")
-    p.add_argument("--data", required=True, help="train.csv: calibration rows are drawn from it")
-    p.add_argument("--holdout", required=True, help="labelled rows never trained on, for the fidelity report")
+    p.add_argument("--run-dir", help="a run folder: --model, --out, --data and --holdout default to its merged/, "
+                   "quantized/, data/train.csv and data/holdout.csv")
+    p.add_argument("--model", help="the merged 16-bit classifier folder (lmsys merge)")
+    p.add_argument("--out", help="output folder (quantised checkpoint + fidelity.json)")
+    p.add_argument("--data", help="train.csv: calibration rows are drawn from it")
+    p.add_argument("--holdout", help="labelled rows never trained on, for the fidelity report")
     p.add_argument("--config", help="JSON QuantizeConfig (bits, group_size, desc_act, sym, calib_rows, …)")
-    p.add_argument("--pack-config", help="JSON PackConfig the model was trained with (default: PackConfig())")
-    p.add_argument("--max-length", type=int, help="prompt length for the fidelity rows (overrides the pack config)")
-    p.add_argument("--bits", type=int, choices=(4, 8))
-    p.add_argument("--group-size", type=int)
-    p.add_argument("--desc-act", action="store_true", default=None)
-    p.add_argument("--calib-rows", type=int)
-    p.add_argument("--calib-max-length", type=int)
-    p.add_argument("--max-mean-kl", type=float)
-    p.add_argument("--min-agreement", type=float)
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config fields, e.g. calib_rows=16")
+    p.add_argument("--pack-config", help="JSON PackConfig the model was trained with (default: the model's contract)")
+    p.add_argument("--max-length", type=int, help="prompt length for the fidelity rows (default: the training length)")
+    p.add_argument("--bits", type=int, choices=(4, 8), help="GPTQ bits (default 8)")
+    p.add_argument("--group-size", type=int, help="weights per quantisation group (default 128; -1: per channel)")
+    p.add_argument("--desc-act", action="store_true", default=None, help="act-order (slower kernels on a T4)")
+    p.add_argument("--calib-rows", type=int, help="calibration rows, one per length bin (default 128)")
+    p.add_argument("--calib-max-length", type=int, help="calibration length in tokens (default 2100)")
+    p.add_argument("--max-mean-kl", type=float, help="fidelity gate: mean KL to the unquantised model (1e-3)")
+    p.add_argument("--min-agreement", type=float, help="fidelity gate: argmax agreement (0.98)")
+    p.add_argument("--fraction", type=float, default=1.0, help="dry run: calibrate and check on a share of the rows")
+    p.add_argument("--force", action="store_true", help="quantise again over a passed quantisation")
     p.add_argument("--device", default="auto", help="auto (first GPU, else CPU), cpu, cuda:0, …")
     p.set_defaults(fn=_cmd_quantize)
 
     p = sub.add_parser("predict", help="score a test file with a (quantised) classifier → submission.csv: "
                        "token-budget batches, swap-TTA, deadline guard, resumable")
-    p.add_argument("--model", required=True, help="a quantised (lmsys quantize) or plain classifier folder")
-    p.add_argument("--data", required=True, help="test.csv (id, prompt, response_a, response_b)")
-    p.add_argument("--out", required=True, help="submission.csv to write")
+    p.add_argument("--run-dir", help="a run folder: --model defaults to its quantized/ (else merged/), --data to "
+                   "its data/holdout.csv, --out to predict/holdout_submission.csv")
+    p.add_argument("--model", help="a quantised (lmsys quantize) or plain classifier folder")
+    p.add_argument("--data", help="test.csv (id, prompt, response_a, response_b)")
+    p.add_argument("--out", help="submission.csv to write")
     p.add_argument("--config", help="JSON InferenceConfig (pack, token_budget, tta, time_budget_s, …)")
-    p.add_argument("--pack-config", help="JSON PackConfig the model was trained with")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config fields, e.g. token_budget=8192")
+    p.add_argument("--pack-config", help="JSON PackConfig (default: the model's contract, lmsys_contract.json)")
     p.add_argument("--tta", dest="tta", action="store_true", default=None, help="A/B-swap TTA (default: on)")
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--max-length", type=int, help="prompt length in tokens (default 2048)")
     p.add_argument("--time-budget", help="e.g. 9h, 8h15m, 600 (default: 9 h minus 45 min)")
     p.add_argument("--temperature", type=float,
-                   help="divide the logits by T (default: the model folder's temperature.json, else 1)")
-    p.add_argument("--no-temperature", action="store_true", help="ignore the model folder's temperature.json")
+                   help="divide the logits by T (default: the model's contract, else its temperature.json, else 1)")
+    p.add_argument("--no-temperature", action="store_true", help="T = 1, whatever the model folder says")
     p.add_argument("--devices", default="auto", help="auto (every GPU, else CPU), cpu, cpu:2, cuda:0,cuda:1")
     p.add_argument("--priors-from", help="labelled train.csv to measure the rule priors on")
     p.add_argument("--work-dir", help="checkpoints for resume (default: predict/ beside --out)")
@@ -416,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="where the log loss goes: per-segment report of predictions (OOF logits "
                        "or a submission) against labelled data, the fitted temperature")
     p.add_argument("--pred", required=True, help="oof.parquet (id + logit_a/b/tie) or a submission-style file")
-    p.add_argument("--data", required=True, help="the labelled rows (train.csv, holdout.csv)")
+    p.add_argument("--data", help="the labelled rows (train.csv, holdout.csv)")
+    p.add_argument("--run-dir", help="a run folder: --data defaults to its data/holdout.csv (data/train.csv for "
+                   "OOF logits)")
     p.add_argument("--teacher", help="which teacher, when the file stacks several")
     p.add_argument("--top", type=int, default=20, help="segments to print (default 20)")
     p.add_argument("--min-rows", type=int, default=1, help="pool segments smaller than this (default 1)")

@@ -41,7 +41,10 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         if dataclasses.is_dataclass(default):  # a nested stage config, given as an object
             if not isinstance(value, dict):
                 raise ValueError(f"{cls.__name__}.{key}: expected an object of {type(default).__name__} fields")
-            value = from_dict(type(default), value)
+            try:
+                value = from_dict(type(default), value)
+            except ValueError as err:
+                raise ValueError(f"{cls.__name__}.{key}: {err}") from None
         value = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
         values[key] = _typed(cls.__name__, key, default, value)
     return cls(**values)
@@ -174,14 +177,17 @@ class ModelConfig:
 class TrainConfig:
     """One fold of training (``lmsys_lib.train``).
 
-    One optimiser step sees ``batch_size × grad_accum × processes`` rows; the loss of a step is the sum of
-    its rows' losses divided by that true row count (a short last step is not over-weighted).
+    One optimiser step sees ``global_batch`` rows when it is set — the same run on 1 or 8 processes (each
+    takes ``global_batch / batch_size / processes`` micro-batches) — else ``batch_size × grad_accum ×
+    processes`` rows. The loss of a step is the sum of its rows' losses divided by that true row count (a short
+    last step is not over-weighted).
     """
 
     epochs: float = 1.0
     max_steps: int = 0  # > 0: stop after this many optimiser steps (before the epochs end)
     batch_size: int = 4  # rows per micro-batch, length-grouped
-    grad_accum: int = 4
+    grad_accum: int = 4  # micro-batches per process per step (used when global_batch = 0)
+    global_batch: int = 0  # > 0: rows per optimiser step on any process count (grad_accum follows from it)
     lr: float = 1e-4
     head_lr: float = 0.0  # 0: same as lr
     weight_decay: float = 0.01
@@ -198,6 +204,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs > 0 or self.max_steps > 0, "give epochs > 0 or max_steps > 0")
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
+        _check(self.global_batch >= 0 and self.global_batch % self.batch_size == 0,
+               "global_batch must be 0 or a multiple of batch_size")
         _check(self.lr > 0 and self.head_lr >= 0, "lr must be > 0 and head_lr >= 0")
         _check(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.min_lr_ratio <= 1.0,
                "warmup_ratio in [0, 1), min_lr_ratio in [0, 1]")
@@ -207,9 +215,11 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
-    """Optional first stage of a teacher: post-pretraining on extra preference data (``teacher.post_pretrain``).
+    """Optional first stage of a teacher or student: post-pretraining on extra preference data
+    (``teacher.post_pretrain``).
 
-    ``data`` lists extra data files (the 33k set, UltraFeedback-derived; see ``parsing.read_extra``); empty
+    ``data`` lists extra data files (the 33k set, UltraFeedback-derived; see ``parsing.read_extra``); a
+    relative path is inside the run folder (``data/extra.csv``, from ``lmsys prepare --extra``); empty
     means no post-pretraining. Rows that repeat a competition train conversation are dropped first (they
     would leak labels into the folds). The adapter is merged (fp32) into a new base that the folds start from.
     """
@@ -245,10 +255,14 @@ class TeacherConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    """The student: k-fold training on the teachers' OOF logits (``lmsys_lib.distill``).
+    """The student: k-fold distillation from the run's teachers (``lmsys_lib.distill``).
 
-    ``teachers`` names teachers of the run (``teachers/<name>/oof.parquet``); empty trains the same student
-    on hard labels only (the no-distillation baseline). ``loss``: ``"kl"`` = ce_weight·CE + (1 − ce_weight)·
+    ``teachers`` names teachers of the run (``teachers/<name>/``); empty trains the same student on hard labels
+    only (the no-distillation baseline). ``targets = "in_fold"`` (the first place's way, default): student fold
+    k learns, for each of its training rows, the logits of teacher fold k — a model that never saw fold k, so
+    the student's held-out fold stays clean; ``"oof"``: the teachers' out-of-fold logits (each row's logit from
+    the one teacher fold that did not train on it — but that fold trained on the student's held-out rows).
+    ``pretrain``: post-pretraining of the student first, as for a teacher. ``loss``: ``"kl"`` = ce_weight·CE + (1 − ce_weight)·
     Σ_t w_t·T²·KL(teacher_t ‖ student) / Σ_t w_t; ``"winner"`` = the first-place mix
     (CE + Σ_t [KL_t + cosine_t]) / (1 + 2·teachers). A teacher must cover every train id exactly once, unless
     ``allow_missing_teacher_rows`` — then its absent rows are masked out of its term.
@@ -264,12 +278,15 @@ class DistillConfig:
     temperature: float = 1.0
     ce_weight: float = 0.5
     allow_missing_teacher_rows: bool = False
+    targets: str = "in_fold"  # "in_fold": fold k learns teacher fold k's logits of its rows; "oof": the OOF logits
     folds: tuple[int, ...] = ()
     fraction: float = 1.0
+    pretrain: PretrainConfig = PretrainConfig()
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name must be a plain folder name")
         _check(self.loss in ("kl", "winner"), "loss must be 'kl' or 'winner'")
+        _check(self.targets in ("in_fold", "oof"), "targets must be 'in_fold' or 'oof'")
         _check(self.temperature > 0 and 0.0 <= self.ce_weight <= 1.0, "temperature > 0, ce_weight in [0, 1]")
         _check(not self.teacher_weights or len(self.teacher_weights) == len(self.teachers),
                "teacher_weights: one per teacher (or empty for equal weights)")

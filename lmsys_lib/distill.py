@@ -1,15 +1,18 @@
-"""Student stage: k-fold distillation from the teachers' out-of-fold logits.
+"""Student stage: k-fold distillation from the run's teachers, on the teachers' folds.
 
 Contract:
-- The student trains fold k on the rows of the other folds with ``losses.distill_sum`` against the
-  teachers' OOF logits for those rows (each OOF logit comes from a teacher fold model that never saw that
-  row, so the student is not handed the teacher's memorised label of the row it learns from). That teacher
-  fold model did train on the student's held-out fold, though, so some of those rows' labels reach the student
-  indirectly: its held-out (and OOF) log loss can be slightly optimistic — judge the final model on rows no
-  stage trained on (the demo's ``holdout.csv``). Same split, same loop as the teachers:
-  ``teacher.train_folds`` with another loss — there is no second training loop.
+- The student trains fold k on the rows of the other folds with ``losses.distill_sum`` against teacher
+  logits for those rows. ``targets = "in_fold"`` (default, the first place's pipeline): the logits of
+  teacher fold k on its own training rows (``teachers/<t>/fold<k>/train_logits.parquet``) — teacher fold k
+  never saw fold k, so no label of the student's held-out fold reaches student fold k, and its held-out and
+  OOF log loss are honest. ``targets = "oof"``: the teachers' OOF logits (each from the teacher fold that did
+  not train on that row — but that fold trained on the student's held-out rows, so their labels leak in and
+  the student's held-out loss is optimistic). Same split, same loop as the teachers: ``teacher.train_folds``
+  with another loss — there is no second training loop.
 - Teacher logits are joined by id and validated first: an id missing from a teacher, or present twice, is
-  an error naming the ids (``allow_missing_teacher_rows`` masks absent rows out of that teacher's term).
+  an error naming the ids (``allow_missing_teacher_rows`` masks absent rows out of that teacher's term); in-fold
+  logits that include a row of the student's held-out fold (the teacher was trained on other folds) are an
+  error naming the teacher, the fold and the rows.
 - A/B swap augmentation permutes the teacher logits of a swapped row exactly as its label (``AB_SWAP``).
 - Output: ``student/<name>/fold<k>/adapter`` (best held-out log loss), ``eval_logits.parquet``, and
   ``student/<name>/oof.parquet``. ``teachers = ()`` trains the same student on hard labels only.
@@ -33,21 +36,38 @@ def student_dir(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / "student" / name
 
 
-def run(run_dir: str | Path, cfg: DistillConfig, log: Callable[[str], None] = print) -> Path:
-    """Train the student's folds; returns ``student/<name>/oof.parquet`` (or the folder for a partial run)."""
-    frame, _ = teacher.load_split(run_dir)
-    table = teacher_table(run_dir, cfg.teachers, frame["id"].to_numpy(), cfg.allow_missing_teacher_rows)
+def run(run_dir: str | Path, cfg: DistillConfig, log: Callable[[str], None] = print, force: bool = False) -> Path:
+    """Train the student's folds; returns ``student/<name>/oof.parquet`` (or the folder for a partial run).
+    ``force``: the folds it runs are trained again from scratch."""
+    frame, fold_of = teacher.load_split(run_dir)
+    root = student_dir(run_dir, cfg.name)
+
+    def loss_for(fold: int, data: TrainData) -> Any:
+        held = frame["id"].to_numpy()[fold_of == fold]
+        return make_loss(targets_for(run_dir, cfg, fold, data.row_ids, held), data, cfg)
 
     def body(model_cfg: ModelConfig, accelerator: Any, quiet: Callable[[str], None]) -> Path:
         if cfg.teachers:
-            quiet(f"[{cfg.name}] distilling from {', '.join(cfg.teachers)} ({cfg.loss}, T = {cfg.temperature})")
+            quiet(f"[{cfg.name}] distilling from {', '.join(cfg.teachers)} ({cfg.loss}, T = {cfg.temperature}, "
+                  f"targets {cfg.targets})")
+        model_cfg = teacher.pretrained_base(run_dir, root, cfg, model_cfg, quiet, accelerator)
         return teacher.train_folds(run_dir, cfg.name, model_cfg, cfg.train, cfg.pack, folds=cfg.folds or None,
-                                   fraction=cfg.fraction, log=quiet, accelerator=accelerator,
-                                   root=student_dir(run_dir, cfg.name),
-                                   loss_for=(lambda data: make_loss(table, data, cfg)) if cfg.teachers else None)
+                                   fraction=cfg.fraction, log=quiet, accelerator=accelerator, root=root,
+                                   loss_for=loss_for if cfg.teachers else None)
 
-    return teacher.run_fold_stage(run_dir, cfg, student_dir(run_dir, cfg.name) / "student_config.json",
-                                  f"student-{cfg.name}", body, log)
+    if cfg.teachers and cfg.targets == "oof":  # fail before any model loads
+        teacher_table(run_dir, cfg.teachers, frame["id"].to_numpy(), cfg.allow_missing_teacher_rows)
+    return teacher.run_fold_stage(run_dir, cfg, root / "student_config.json", f"student-{cfg.name}", body, log,
+                                  force)
+
+
+def targets_for(run_dir: str | Path, cfg: DistillConfig, fold: int, ids: np.ndarray,
+                held_out: np.ndarray) -> TeacherTable:
+    """Student fold ``fold``'s teacher logits for its training rows ``ids`` (``cfg.targets``)."""
+    if cfg.targets == "oof":
+        frame, _ = teacher.load_split(run_dir)
+        return teacher_table(run_dir, cfg.teachers, frame["id"].to_numpy(), cfg.allow_missing_teacher_rows)
+    return in_fold_table(run_dir, cfg.teachers, fold, ids, held_out, cfg.allow_missing_teacher_rows)
 
 
 class TeacherTable:
@@ -85,6 +105,38 @@ def teacher_table(run_dir: str | Path, names: tuple[str, ...] | list[str], ids: 
             teacher.check_oof(oof, ids, source=source)
         idx = position.loc[oof["id"]].to_numpy()
         logits[idx, j] = oof[["logit_a", "logit_b", "logit_tie"]].to_numpy(np.float32)
+        mask[idx, j] = True
+    return TeacherTable(ids, logits, mask, tuple(names))
+
+
+def in_fold_table(run_dir: str | Path, names: tuple[str, ...] | list[str], fold: int, ids: np.ndarray,
+                  held_out: np.ndarray, allow_missing: bool = False) -> TeacherTable:
+    """Teacher fold ``fold``'s logits on its own training rows, aligned to the student's training ``ids``.
+
+    Errors name the teacher, the file and the ids: a row of the student's held-out fold (``held_out``) among
+    the teacher fold's training rows (the teacher used other folds: a leak), duplicated or non-finite logits,
+    and — unless ``allow_missing`` — student training rows the teacher fold did not score.
+    """
+    logits = np.zeros((len(ids), len(names), 3), dtype=np.float32)
+    mask = np.zeros((len(ids), len(names)), dtype=bool)
+    position = pd.Series(np.arange(len(ids)), index=ids)
+    for j, name in enumerate(names):
+        path = teacher.teacher_dir(run_dir, name) / f"fold{fold}" / "train_logits.parquet"
+        if not path.exists():
+            raise FileNotFoundError(f"teacher '{name}' has no in-fold logits for fold {fold} ({path}): train its "
+                                    f"fold {fold} first (lmsys teacher --folds {fold}), import them (lmsys "
+                                    "import-logits), or distil from the OOF logits (targets = \"oof\")")
+        table = pd.read_parquet(path)
+        source = f"teacher {name} fold {fold} ({path})"
+        leaked = sorted(set(table["id"].tolist()) & set(np.asarray(held_out).tolist()))
+        if leaked:
+            raise ValueError(f"{source}: trained on {len(leaked)} row(s) of the student's held-out fold {fold} "
+                             f"(ids {leaked[:10]}): teacher and student must share the run's folds")
+        present = table["id"].isin(position.index)
+        want = table.loc[present, "id"].to_numpy() if allow_missing else ids
+        teacher.check_oof(table.loc[present].assign(fold=fold, teacher=name), want, source=source)
+        idx = position.loc[table.loc[present, "id"]].to_numpy()
+        logits[idx, j] = table.loc[present, ["logit_a", "logit_b", "logit_tie"]].to_numpy(np.float32)
         mask[idx, j] = True
     return TeacherTable(ids, logits, mask, tuple(names))
 

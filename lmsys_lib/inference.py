@@ -533,15 +533,31 @@ def devices_for(spec: str = "auto") -> list[Any]:
 
 def model_temperature(cfg: InferenceConfig, model_dir: str | Path, log: Callable[[str], None] = print,
                       ) -> InferenceConfig:
-    """``cfg`` with the temperature saved beside the model (``temperature.json``, fitted on OOF logits by
-    ``evaluate.oof_report``) when ``cfg`` leaves it at 1.0; an explicit temperature in ``cfg`` wins."""
-    from .evaluate import load_temperature
+    """``cfg`` with the model folder's temperature (its ``lmsys_contract.json``, else a ``temperature.json``:
+    fitted on the OOF logits) when ``cfg`` leaves it at 1.0; an explicit temperature in ``cfg`` wins (warned
+    when it differs from the folder's)."""
+    from .contract import temperature_of
 
-    found = load_temperature(model_dir)
-    if found is None or cfg.temperature != 1.0:
+    found = temperature_of(model_dir)
+    if found is None:
         return cfg
-    log(f"temperature {found:.3f} from {Path(model_dir) / 'temperature.json'}")
-    return dataclasses.replace(cfg, temperature=found)
+    value, source = found
+    if cfg.temperature != 1.0:
+        if abs(cfg.temperature - value) > 1e-9:
+            log(f"WARNING: temperature {cfg.temperature:g} given; the model's is {value:.3f} ({source})")
+        return cfg
+    log(f"temperature {value:.3f} from {source}")
+    return dataclasses.replace(cfg, temperature=value)
+
+
+def model_pack(cfg: InferenceConfig, model_dir: str | Path, explicit: bool = False,
+               log: Callable[[str], None] = print) -> InferenceConfig:
+    """``cfg`` with the prompt format of the model's contract (``contract.pack_for``) at ``cfg``'s length —
+    unless ``explicit`` (the caller gave a format: it wins, warned when it differs)."""
+    from .contract import pack_for
+
+    pack = pack_for(model_dir, cfg.pack if explicit else None, max_length=cfg.pack.max_length, log=log)
+    return dataclasses.replace(cfg, pack=pack, degrade_max_length=min(cfg.degrade_max_length, pack.max_length))
 
 
 def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[str], None] = print) -> tuple[

@@ -199,6 +199,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _carry_temperature([a.path for a in adapters], tmp, log)
+    _write_contract([a.path for a in adapters], tmp, str(dtype).split(".")[-1], log)
     (tmp / "lmsys_merge.json").write_text(json.dumps(
         {"method": "exact", "base": str(base_dir), "adapters": [str(a.path) for a in adapters],
          "formula": "W + mean_k(s_k * B_k @ A_k), fp32, one cast"}, indent=2), encoding="utf-8")
@@ -226,6 +227,18 @@ def _carry_temperature(adapter_dirs: Sequence[Path], out: Path, log: Callable[[s
     if source is not None and source.is_file():
         shutil.copyfile(source, out / "temperature.json")
         log(f"temperature from {source} copied beside the merged model")
+
+
+def _write_contract(adapter_dirs: Sequence[Path], out: Path, dtype: str, log: Callable[[str], None]) -> None:
+    """``lmsys_contract.json``: the prompt format the folds were trained with (their saved stage config), the
+    label order, the OOF-fitted temperature, the merged weights' dtype."""
+    from . import contract
+
+    found = contract.from_folds(adapter_dirs)
+    path = contract.write(out, found["pack"], found["temperature"], dtype, "merge", model=found["model"])
+    if found["pack"] is None:
+        log(f"WARNING: the adapters are not one lmsys model's folds (no saved stage config beside fold*/): "
+            f"{path} records no prompt format — pass the one they were trained with to quantize and predict")
 
 
 def _count_tensors(files: list[Path]) -> int:
@@ -473,3 +486,61 @@ def plot_report(report: dict[str, Any]) -> Any:
     axes[0].set_ylabel("merged model P(A wins)")
     fig.tight_layout()
     return fig
+
+
+def fold_base(root: str | Path) -> str:
+    """The base a model's folds were trained from, found in its own folder: the post-pretrained checkpoint
+    (``<root>/pretrained/merged``) when the folds started from it, else the model as named at launch (the
+    saved stage config's ``model_dir_given``: a hub id, ``zoo:…`` or a folder)."""
+    root = Path(root)
+    if (root / "pretrained" / "merged" / "config.json").is_file():
+        return str(root / "pretrained" / "merged")
+    for name in ("student_config.json", "teacher_config.json"):
+        saved = root / name
+        if saved.is_file():
+            given = json.loads(saved.read_text(encoding="utf-8")).get("model_dir_given")
+            if given:
+                return given
+    raise FileNotFoundError(f"{root}: no saved stage config naming the base model: pass --base")
+
+
+def check_base(base_dir: str | Path, adapter_dirs: Sequence[Path]) -> None:
+    """The base must be the model the folds were trained from (``fit_config.json`` names it by
+    ``zoo.model_identity``): merging into another one gives a silently wrong model."""
+    from .zoo import model_identity
+
+    have = model_identity(str(base_dir))
+    for path in adapter_dirs:
+        fit = Path(path).parent / "fit_config.json"
+        if fit.is_file():
+            trained = json.loads(fit.read_text(encoding="utf-8"))["model"]["model_dir"]
+            if isinstance(trained, dict) and trained != have:
+                raise ValueError(f"{base_dir} ({have}) is not the base {Path(path).parent.name} was trained from "
+                                 f"({trained}, {fit}): pass that base")
+
+
+def run(run_dir: str | Path, name: str, base: str | None = None, out_dir: str | Path | None = None,
+        max_shard_bytes: int = 2 * 1024 ** 3, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """The merge stage of a run folder: ``student/<name>/fold*/adapter`` (or ``teachers/<name>/…``) merged
+    exactly into ``base`` (default: the base the folds were trained from, ``fold_base``) → ``out_dir`` (default
+    ``<run>/merged``) with its contract. A finished merge of the same folds is kept unless ``force``."""
+    from .zoo import resolve_model_dir
+
+    run_dir = Path(run_dir)
+    roots = [r for r in (run_dir / "student" / name, run_dir / "teachers" / name) if r.is_dir()]
+    if not roots:
+        raise FileNotFoundError(f"{run_dir}: no student/{name} or teachers/{name}: train it first")
+    adapters = fold_adapters(roots[0])
+    out = Path(out_dir) if out_dir else run_dir / "merged"
+    stamp = {"adapters": [str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p) for p in adapters],
+             "sizes": [(p / "adapter_model.safetensors").stat().st_size for p in adapters]}
+    done = out / "lmsys_merge.json"
+    if done.is_file() and not force and json.loads(done.read_text(encoding="utf-8")).get("stamp") == stamp:
+        log(f"{out}: these folds are merged already — kept (--force to merge again)")
+        return out
+    base_dir = resolve_model_dir(base or fold_base(roots[0]))
+    check_base(base_dir, adapters)
+    merge_exact(base_dir, adapters, out, max_shard_bytes=max_shard_bytes, log=log)
+    record = json.loads(done.read_text(encoding="utf-8")) | {"stamp": stamp, "base": str(base or fold_base(roots[0]))}
+    done.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return out

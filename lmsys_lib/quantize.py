@@ -309,12 +309,29 @@ def quantize(model_dir: str | Path, out_dir: str | Path, calib_ids: Sequence[Seq
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2), encoding="utf-8")
     if (model_dir / TEMPERATURE).is_file():  # the OOF-fitted temperature travels with the model
         shutil.copyfile(model_dir / TEMPERATURE, tmp / TEMPERATURE)
+    _carry_contract(model_dir, tmp, source_dtype, cfg, log)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     del model
     log(f"quantised in {seconds:.1f} s → {out_dir} ({folder_bytes(out_dir) / 2**20:.1f} MiB, from "
         f"{folder_bytes(model_dir) / 2**20:.1f} MiB)")
     return out_dir
+
+
+def _carry_contract(model_dir: Path, out: Path, source_dtype: str, cfg: QuantizeConfig,
+                    log: Callable[[str], None]) -> None:
+    """The merged model's contract (prompt format, label order, temperature) goes with the quantised one."""
+    from . import contract
+
+    found = contract.read(model_dir)
+    if found is None:
+        log(f"WARNING: {model_dir} has no {contract.CONTRACT_FILE}: the quantised model carries none either "
+            "(predict will need the prompt format it was trained with)")
+    found = found or {}
+    contract.write(out, found.get("pack"), found.get("temperature"), found.get("source_dtype") or source_dtype,
+                   "quantize", model=found.get("model"),
+                   quantization={"method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
+                                 "desc_act": cfg.desc_act, "sym": cfg.sym})
 
 
 def _store_unquantised_as_source(model: Any, model_dir: Path) -> None:

@@ -26,64 +26,146 @@ from . import parsing, train
 from .config import ModelConfig, PackConfig, PretrainConfig, TrainConfig
 
 OOF_COLUMNS = ("id", "fold", "logit_a", "logit_b", "logit_tie", "teacher")
+GIVEN_MODEL = "model_dir_given"  # in a saved stage config: the model as named at launch (merge's default base)
 
 
-def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print) -> Path:
+def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print, force: bool = False) -> Path:
     """Run a ``TeacherConfig`` in ``run_dir``; returns ``oof.parquet`` (or the teacher folder for a partial
-    run). The config is saved beside the output; another config for the same teacher name is refused.
+    run). The config is saved beside the output; another config for the same teacher name is refused (unless
+    ``force``: the folds it runs are trained again from scratch).
 
-    With ``cfg.pretrain.data`` the teacher is first post-pretrained on that extra data and its folds start
-    from the merged checkpoint (``teachers/<name>/pretrained/merged``); a finished post-pretraining is reused.
+    Each fold model also scores its own training rows (``fold<k>/train_logits.parquet``: the student's
+    fold-aligned targets). With ``cfg.pretrain.data`` the teacher is first post-pretrained on that extra data
+    and its folds start from the merged checkpoint (``teachers/<name>/pretrained/merged``); a finished
+    post-pretraining is reused. When every fold is there, ``oof.parquet`` and ``temperature.json`` (fitted on
+    the OOF logits) are written.
     """
+    root = teacher_dir(run_dir, cfg.name)
 
     def body(model_cfg: ModelConfig, accelerator: Any, quiet: Callable[[str], None]) -> Path:
-        if cfg.pretrain.data:
-            pre = post_pretrain(run_dir, cfg.name, cfg.pretrain, model_cfg, cfg.pack, log=quiet,
-                                accelerator=accelerator)
-            model_cfg = dataclasses.replace(model_cfg, model_dir=str(pre.model_dir))
+        model_cfg = pretrained_base(run_dir, root, cfg, model_cfg, quiet, accelerator)
         return train_folds(run_dir, cfg.name, model_cfg, cfg.train, cfg.pack, folds=cfg.folds or None,
-                           fraction=cfg.fraction, log=quiet, accelerator=accelerator)
+                           fraction=cfg.fraction, log=quiet, accelerator=accelerator, score_train=True)
 
-    return run_fold_stage(run_dir, cfg, teacher_dir(run_dir, cfg.name) / "teacher_config.json",
-                          f"teacher-{cfg.name}", body, log)
+    return run_fold_stage(run_dir, cfg, root / "teacher_config.json", f"teacher-{cfg.name}", body, log, force)
+
+
+def pretrained_base(run_dir: str | Path, root: Path, cfg: Any, model_cfg: ModelConfig, log: Callable[[str], None],
+                    accelerator: Any) -> ModelConfig:
+    """``model_cfg`` itself, or — with ``cfg.pretrain.data`` — pointing at the post-pretrained checkpoint."""
+    if not cfg.pretrain.data:
+        return model_cfg
+    pre = post_pretrain(run_dir, root, cfg.pretrain, model_cfg, cfg.pack, log=log, accelerator=accelerator)
+    return dataclasses.replace(model_cfg, model_dir=str(pre.model_dir))
+
+
+def stage_identity(cfg: Any) -> dict[str, Any]:
+    """What a k-fold stage's results depend on: its config less ``folds`` (which folds run now may vary between
+    sessions and machines), the model named portably (``zoo.model_identity``: a hub id or zoo name as written,
+    a local folder by its name and content — not by the path it is mounted at)."""
+    from .config import to_dict
+    from .zoo import model_identity
+
+    identity = {k: v for k, v in to_dict(cfg).items() if k != "folds"}
+    identity["model"]["model_dir"] = model_identity(cfg.model.model_dir)
+    return identity
+
+
+def stage_progress(root: Path) -> list[Path]:
+    """The folders under a model's ``root`` holding trained progress (checkpoints, adapters, metrics)."""
+    from .train import has_progress
+
+    return [d for d in sorted(root.glob("fold*")) + [root / "pretrained"] if d.is_dir() and has_progress(d)]
+
+
+def clear_stage(root: Path, folds: Sequence[int] | None, log: Callable[[str], None]) -> None:
+    """``--force``: remove what a re-run replaces — the given folds (all, and post-pretraining, when None) and
+    everything gathered from the folds (OOF logits, temperature)."""
+    import shutil
+
+    targets = [root / f"fold{f}" for f in folds] if folds else [*root.glob("fold*"), root / "pretrained"]
+    targets += [root / name for name in ("oof.parquet", "temperature.json")]
+    for path in targets:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    log(f"[{root.name}] forced: {', '.join(p.name for p in targets)} cleared before training")
 
 
 def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
                    body: Callable[[ModelConfig, Any, Callable[[str], None]], Path],
-                   log: Callable[[str], None] = print) -> Path:
+                   log: Callable[[str], None] = print, force: bool = False) -> Path:
     """The frame shared by the k-fold stages (teacher, student) under one ``accelerate`` process group.
 
-    Saves ``cfg`` (less ``folds``: which folds run now may vary between sessions) at ``saved`` and refuses
-    another config there; resolves a ``zoo:`` model once (main process first); runs ``body(model_cfg,
-    accelerator, log)``; records the stage as done when it returns an ``oof.parquet``.
+    Saves ``stage_identity(cfg)`` at ``saved`` and refuses another config there — unless nothing was trained
+    under it yet (a launch that failed before its first checkpoint locks nothing), or ``force`` (the folds
+    being run are cleared first); resolves a ``zoo:`` or hub model once (main process first); runs
+    ``body(model_cfg, accelerator, log)``; when it returns an ``oof.parquet``, fits the temperature on it
+    (``temperature.json``) and records the stage as done.
     """
     from accelerate import Accelerator
 
-    from .config import save_stage, to_dict
+    from .config import save_stage
     from .zoo import resolve_model_dir
 
     accelerator = Accelerator()
     main = accelerator.is_main_process
     try:
-        identity = {k: v for k, v in to_dict(cfg).items() if k != "folds"}
-        if saved.exists() and json.loads(saved.read_text(encoding="utf-8")) != identity:
-            raise ValueError(f"{saved} holds another config for '{cfg.name}': use another name or run folder")
+        identity = stage_identity(cfg)
+        _claim(saved, identity, cfg, force, log if main else (lambda _: None), main)
         if main:
+            if force:
+                clear_stage(saved.parent, cfg.folds or None, log)
             saved.parent.mkdir(parents=True, exist_ok=True)
             tmp = saved.with_name(saved.name + ".tmp")
-            tmp.write_text(json.dumps(identity, indent=2, sort_keys=True), encoding="utf-8")
+            given = {GIVEN_MODEL: cfg.model.model_dir}  # where it was read from here: a hint, not compared
+            tmp.write_text(json.dumps(identity | given, indent=2, sort_keys=True), encoding="utf-8")
             os.replace(tmp, saved)  # atomic: another process never reads half a file
-            resolve_model_dir(cfg.model.model_dir)  # a zoo model is converted once, by one process
+            resolve_model_dir(cfg.model.model_dir)  # a zoo/hub model is fetched once, by one process
         accelerator.wait_for_everyone()
         model_cfg = dataclasses.replace(cfg.model, model_dir=resolve_model_dir(cfg.model.model_dir))
         out = body(model_cfg, accelerator, log if main else (lambda _: None))
         if main and out.name == "oof.parquet":
+            save_oof_temperature(run_dir, out.parent, log)
             save_stage(run_dir, stage, cfg)
+        accelerator.wait_for_everyone()
         return out
     finally:
         # Tear the process group down before interpreter exit: a gloo group left to the garbage
         # collector can abort a rank ("terminate called without an active exception").
         accelerator.end_training()
+
+
+def _claim(saved: Path, identity: dict[str, Any], cfg: Any, force: bool, log: Callable[[str], None],
+           main: bool) -> None:
+    if not saved.exists() or force:
+        return
+    before = json.loads(saved.read_text(encoding="utf-8"))
+    before.pop(GIVEN_MODEL, None)
+    if before == identity:
+        return
+    progress = stage_progress(saved.parent)
+    if progress:
+        raise ValueError(f"{saved} holds another config for '{cfg.name}', and {', '.join(p.name for p in progress)} "
+                         "trained under it: use another name or run folder, or --force to train again")
+    log(f"[{cfg.name}] {saved.name} held another config, but nothing was trained under it: replaced")
+
+
+def save_oof_temperature(run_dir: str | Path, root: Path, log: Callable[[str], None] = print) -> float:
+    """Fit T on ``root/oof.parquet`` against the run's labels → ``root/temperature.json`` (carried by the merge
+    into the model's contract, used by ``lmsys predict``)."""
+    from .evaluate import fit_temperature, save_temperature, temperature_report
+
+    frame, _ = load_split(run_dir)
+    oof = pd.read_parquet(root / "oof.parquet").set_index("id").loc[frame["id"]]
+    logits, labels = oof[["logit_a", "logit_b", "logit_tie"]].to_numpy(np.float64), frame["label"].to_numpy()
+    t = fit_temperature(logits, labels)
+    report = temperature_report(logits, labels, t, source=str(Path(root.name) / "oof.parquet"))
+    save_temperature(root, t, report, overwrite=True)
+    log(f"[{root.name}] temperature T = {t:.3f} fitted on the OOF logits: log loss {report['log_loss_before']:.4f}"
+        f" → {report['log_loss_after']:.4f} ({root / 'temperature.json'})")
+    return t
 
 
 def teacher_dir(run_dir: str | Path, name: str) -> Path:
@@ -102,37 +184,51 @@ def load_split(run_dir: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     return frame, np.array([fold_of[i] for i in frame["id"]])
 
 
+def dry_run_rows(ids: Sequence[Any], fraction: float) -> np.ndarray:
+    """The rows of a dry run: an id is in when a hash of it falls below ``fraction`` — the same rows in every
+    stage and run that uses the same fraction (the student's fold k meets the rows teacher fold k scored)."""
+    import hashlib
+
+    if fraction >= 1.0:
+        return np.ones(len(ids), dtype=bool)
+    u = [int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") / 2**64 for i in ids]
+    return np.asarray(u) < fraction
+
+
 def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
                 pack_cfg: PackConfig, folds: Sequence[int] | None = None, fraction: float = 1.0,
                 log: Callable[[str], None] = print, accelerator: Any = None, root: Path | None = None,
-                loss_for: Callable[[train.TrainData], Any] | None = None) -> Path:
+                loss_for: Callable[[int, train.TrainData], Any] | None = None, score_train: bool = False) -> Path:
     """Train the given folds (default: all) of model ``name``; write ``oof.parquet`` once all exist.
 
-    ``fraction`` < 1 trains and evaluates on that share of each fold (a dry run); the OOF file is only
-    written for a full run, since a partial one cannot cover every id. ``root`` is the model's folder
-    (default ``teachers/<name>``); ``loss_for(fold_train_data)`` gives a fold's training loss (default:
-    cross-entropy) — the student stage passes its distillation loss here, so both share one loop.
+    ``fraction`` < 1 trains and evaluates on that share of each fold (a dry run, ``dry_run_rows``); the OOF
+    file is only written for a full run, since a partial one cannot cover every id. ``root`` is the model's
+    folder (default ``teachers/<name>``); ``loss_for(fold, fold_train_data)`` gives a fold's training loss
+    (default: cross-entropy) — the student stage passes its distillation loss here, so both share one loop.
+    ``score_train``: each fold model also scores its own training rows (``fold<k>/train_logits.parquet``).
     """
     from .modeling import load_tokenizer
     from .prompting import Packer
 
     root = Path(root) if root is not None else teacher_dir(run_dir, name)
     frame, fold_of = load_split(run_dir)
-    if fraction < 1.0:
-        keep = np.random.default_rng(train_cfg.seed).random(len(frame)) < fraction
-        frame, fold_of = frame.loc[keep].reset_index(drop=True), fold_of[keep]
-    data = train.pack_for_training(Packer(load_tokenizer(model_cfg.model_dir), pack_cfg), frame)
     k = int(fold_of.max()) + 1
+    keep = dry_run_rows(frame["id"].tolist(), fraction)
+    frame, fold_of = frame.loc[keep].reset_index(drop=True), fold_of[keep]
+    data = train.pack_for_training(Packer(load_tokenizer(model_cfg.model_dir), pack_cfg), frame)
     for fold in (range(k) if folds is None else folds):
+        if not 0 <= fold < k:
+            raise ValueError(f"fold {fold} does not exist: the run has folds 0–{k - 1} (data/folds.parquet)")
         out = root / f"fold{fold}"
-        if (out / "metrics.json").exists() and (out / "eval_logits.parquet").exists():
+        if fold_done(out, score_train):
             log(f"[{name}] fold {fold} already trained — skipped")
             continue
         log(f"[{name}] fold {fold}: {int((fold_of != fold).sum())} train rows, {int((fold_of == fold).sum())} held out")
         fold_train = data.subset(fold_of != fold)
         train.fit(model_cfg, train_cfg, fold_train, data.subset(fold_of == fold), out, log=log,
-                  accelerator=accelerator, loss_fn=loss_for(fold_train) if loss_for else None)
-    finished = all((root / f"fold{f}" / "metrics.json").exists() for f in range(k))  # eval_logits exist mid-fold
+                  accelerator=accelerator, loss_fn=loss_for(fold, fold_train) if loss_for else None,
+                  score_train=score_train)
+    finished = all(fold_done(root / f"fold{f}", score_train) for f in range(k))  # eval_logits exist mid-fold
     if fraction >= 1.0 and finished:
         if accelerator is None or accelerator.is_main_process:
             write_oof(root, name, frame["id"].to_numpy(), k)
@@ -140,6 +236,12 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
             accelerator.wait_for_everyone()
         return root / "oof.parquet"
     return root
+
+
+def fold_done(out: Path, score_train: bool = False) -> bool:
+    """A fold is finished when its metrics and held-out logits exist (and its training-row logits, if asked)."""
+    need = ["metrics.json", "eval_logits.parquet"] + (["train_logits.parquet"] if score_train else [])
+    return all((out / name).exists() for name in need)
 
 
 def write_oof(root: Path, name: str, ids: np.ndarray, k: int) -> Path:
@@ -188,25 +290,35 @@ class PretrainResult:
     metrics: dict[str, Any]
 
 
-def post_pretrain(run_dir: str | Path, name: str, cfg: PretrainConfig, model_cfg: ModelConfig,
+def data_path(run_dir: str | Path, path: str) -> Path:
+    """A data file named in a config: relative paths are inside the run folder (``data/extra.csv``, written by
+    ``lmsys prepare --extra``), so a config and its run folder move together."""
+    return Path(path) if Path(path).is_absolute() else Path(run_dir) / path
+
+
+def post_pretrain(run_dir: str | Path, root: Path, cfg: PretrainConfig, model_cfg: ModelConfig,
                   pack_cfg: PackConfig, log: Callable[[str], None] = print, accelerator: Any = None) -> PretrainResult:
     """Train on extra preference data (e.g. UltraFeedback-derived) and merge into a new base checkpoint.
 
-    The extra files are read with ``parsing.read_extra``; conversations that are also in the run's train
-    rows are dropped (they would leak labels into the folds that hold them out). The adapter is trained
-    like a fold (resumable), then merged in fp32 into ``teachers/<name>/pretrained/merged`` — pass that
-    folder as ``model_dir`` to ``train_folds``. A finished merge is reused.
+    The extra files (``data_path``) are read with ``parsing.read_extra``; conversations that are also in the
+    run's train or holdout rows are dropped (they would leak labels into the folds that hold them out, or into
+    the holdout). The adapter is trained like a fold (resumable), then merged in fp32 into
+    ``<root>/pretrained/merged`` (``root``: the teacher's or student's folder) — pass that folder as
+    ``model_dir`` to ``train_folds``. A finished merge is reused.
     """
     from .modeling import load_tokenizer
     from .prompting import Packer
 
-    out = teacher_dir(run_dir, name) / "pretrained"
+    name = root.name
+    out = root / "pretrained"
     merged = out / ("adapter" if model_cfg.lora_r == 0 else "merged")  # full fine-tuning saves a checkpoint
     if (merged / "config.json").exists() and (out / "metrics.json").exists():
         log(f"[{name}] post-pretraining already done — starting the folds from {merged}")
         return PretrainResult(merged, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
-    extra = pd.concat([parsing.read_extra(path, seed=cfg.seed).frame for path in cfg.data], ignore_index=True)
-    train_rows = parsing.read_competition(Path(run_dir) / "data" / "train.csv").frame
+    extra = pd.concat([parsing.read_extra(data_path(run_dir, path), seed=cfg.seed).frame for path in cfg.data],
+                      ignore_index=True)
+    seen = [Path(run_dir) / "data" / n for n in ("train.csv", "holdout.csv") if (Path(run_dir) / "data" / n).exists()]
+    train_rows = pd.concat([parsing.read_competition(p).frame for p in seen], ignore_index=True)
     extra, overlap = parsing.drop_overlap(extra, train_rows)
     extra, dedup = parsing.deduplicate(extra)
     if len(extra) < 2:
@@ -249,6 +361,9 @@ def prepare_run(run_dir: str | Path, data_dir: str | Path, k: int = 5, seed: int
     from .config import FoldConfig, claim_stage, save_stage
 
     run_dir, cfg = Path(run_dir), FoldConfig(k=k, seed=seed)
+    if (run_dir / "config" / "prepare.json").exists():  # `lmsys prepare` made the data, folds and holdout
+        print(f"{run_dir}: data prepared by `lmsys prepare` (data/prepare.json) — used as is")
+        return run_dir
     if not claim_stage(run_dir, "folds", cfg):
         return run_dir
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -298,3 +413,98 @@ def plot_history(run_dir: str | Path, name: str, root: Path | None = None) -> An
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+# -- logits made elsewhere ---------------------------------------------------------------------------
+
+IMPORT_COLUMNS = ("id", "fold", "logit_a", "logit_b", "logit_tie", "split")  # + "teacher" unless --name
+SPLITS = ("held_out", "train")
+
+
+def import_logits(run_dir: str | Path, path: str | Path, name: str | None = None, force: bool = False,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Bring a teacher's logits made elsewhere (another node, another tool) into the run folder.
+
+    The parquet file has one row per (fold model, row it scored): ``id``, ``fold`` (the fold model), the three
+    logits, ``teacher`` (its name; or pass ``name``), ``split``: ``held_out`` — fold model ``fold`` did not train
+    on the row (its OOF logit; ``fold`` must be the row's fold in the run) — or ``train`` — it did (the
+    student's in-fold targets: for each fold k present, exactly the run's rows outside fold k). Everything is
+    checked against ``data/folds.parquet`` (ids complete, unique, finite, folds matching) before anything is
+    written; then ``teachers/<name>/oof.parquet`` (+ ``temperature.json``) and ``fold<k>/train_logits.parquet``
+    are written as the teacher stage writes them. Returns a summary.
+    """
+    table = pd.read_parquet(path)
+    name = _import_name(table, name, path)
+    table = table.assign(teacher=name)
+    frame, fold_of = load_split(run_dir)
+    checked = _check_import(table, frame["id"].to_numpy(), fold_of, source=str(path))
+    root = teacher_dir(run_dir, name)
+    if root.exists() and any(root.iterdir()) and not force:
+        raise ValueError(f"{root} exists: a teacher named '{name}' is in the run already (--force to replace it)")
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    for fold, part in checked["train"].items():
+        (root / f"fold{fold}").mkdir()
+        part[["id", "logit_a", "logit_b", "logit_tie"]].to_parquet(root / f"fold{fold}" / "train_logits.parquet")
+    if checked["held_out"] is not None:
+        checked["held_out"][list(OOF_COLUMNS)].to_parquet(root / "oof.parquet")
+        save_oof_temperature(run_dir, root, log)
+    summary = {"teacher": name, "oof_rows": 0 if checked["held_out"] is None else len(checked["held_out"]),
+               "in_fold_folds": sorted(checked["train"]), "source": str(path)}
+    (root / "imported.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    log(f"teacher '{name}' imported into {root}: OOF logits for {summary['oof_rows']} rows"
+        + (f", in-fold logits of folds {summary['in_fold_folds']}" if checked["train"] else ", no in-fold logits "
+           "(distil with targets = \"oof\")"))
+    return summary
+
+
+def _import_name(table: pd.DataFrame, name: str | None, path: str | Path) -> str:
+    missing = [c for c in IMPORT_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (schema: {list(IMPORT_COLUMNS)} + teacher)")
+    if name:
+        return name
+    names = sorted(set(table["teacher"].astype(str))) if "teacher" in table.columns else []
+    if len(names) != 1:
+        raise ValueError(f"{path}: the teacher column names {names or 'nobody'}: pass --name (one teacher per file)")
+    return names[0]
+
+
+def _check_import(table: pd.DataFrame, ids: np.ndarray, fold_of: np.ndarray, source: str) -> dict[str, Any]:
+    """The file's held-out part as an OOF table and its train part per fold, each validated."""
+    bad_split = sorted(set(table["split"].astype(str)) - set(SPLITS))
+    if bad_split:
+        raise ValueError(f"{source}: split must be one of {list(SPLITS)}, got {bad_split}")
+    run_fold = pd.Series(fold_of, index=ids)
+    unknown = sorted(set(table["id"].tolist()) - set(ids.tolist()))
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} ids not in the run's train rows, e.g. {unknown[:10]}")
+    k = int(fold_of.max()) + 1
+    wrong_fold = sorted(set(table["fold"].astype(int)) - set(range(k)))
+    if wrong_fold:
+        raise ValueError(f"{source}: folds {wrong_fold} do not exist: the run has folds 0–{k - 1}")
+    held = table[table["split"] == "held_out"]
+    oof = None
+    if len(held):
+        check_oof(held, ids, source=f"{source} (held_out)")
+        off = held.loc[held["fold"].to_numpy() != run_fold.loc[held["id"]].to_numpy(), "id"].tolist()
+        if off:
+            raise ValueError(f"{source} (held_out): {len(off)} rows scored by another fold than the run gives them "
+                             f"(ids {off[:10]}): the logits were made on other folds — import its folds.parquet "
+                             "with lmsys prepare, or retrain")
+        oof = held.reset_index(drop=True)
+    trained = {}
+    for fold, part in table[table["split"] == "train"].groupby("fold"):
+        fold = int(fold)
+        own = part.loc[run_fold.loc[part["id"]].to_numpy() == fold, "id"].tolist()
+        if own:
+            raise ValueError(f"{source} (train, fold {fold}): {len(own)} rows of fold {fold} itself (ids {own[:10]}): "
+                             f"fold model {fold} must not train on its held-out fold — the logits come from other folds")
+        check_oof(part, ids[fold_of != fold], source=f"{source} (train, fold {fold})")
+        trained[fold] = part.reset_index(drop=True)
+    if oof is None and not trained:
+        raise ValueError(f"{source}: no rows")
+    return {"held_out": oof, "train": trained}

@@ -73,15 +73,31 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def micro_per_step(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches in one optimiser step, all processes together: ``global_batch / batch_size`` when the
+    config fixes the global batch (the same on any process count that divides it), else ``grad_accum ×
+    processes``."""
+    if not cfg.global_batch:
+        return cfg.grad_accum * world_size
+    per_step = cfg.global_batch // cfg.batch_size
+    if per_step % world_size:
+        raise ValueError(f"global_batch {cfg.global_batch} = {per_step} micro-batches of {cfg.batch_size} rows "
+                         f"cannot be split evenly over {world_size} processes: pick a process count that divides "
+                         f"{per_step}, or another batch_size")
+    return per_step
+
+
 class Stream:
     """The deterministic micro-batch stream of a run: which rows, in which orientation, at each step."""
 
     def __init__(self, lengths: np.ndarray, cfg: TrainConfig, world_size: int):
         self.lengths, self.cfg, self.world = lengths, cfg, world_size
         self.per_epoch = len(batching.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0))
-        per_step = cfg.grad_accum * world_size
+        per_step = micro_per_step(cfg, world_size)
         total_micro = math.ceil(cfg.epochs * self.per_epoch) if cfg.epochs > 0 else 10**12
-        total_micro -= total_micro % world_size  # every process gets the same number of micro-batches
+        # every process gets the same number of micro-batches; with a global batch the run's last partial
+        # step is dropped (< global_batch rows an epoch), so the stream is the same for any process count
+        total_micro -= total_micro % (per_step if cfg.global_batch else world_size)
         steps = math.ceil(total_micro / per_step)
         self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
         self.total_micro = min(total_micro, self.total_steps * per_step)
@@ -96,7 +112,7 @@ class Stream:
 
     def step(self, step: int) -> list[tuple[list[int], np.ndarray]]:
         """All micro-batches of ``step`` (every process's), as (rows, swapped flags)."""
-        per_step = self.cfg.grad_accum * self.world
+        per_step = micro_per_step(self.cfg, self.world)
         out = []
         for idx in range(step * per_step, min((step + 1) * per_step, self.total_micro)):
             batches, swaps = self._epoch(idx // self.per_epoch)
@@ -107,8 +123,12 @@ class Stream:
 
 def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, eval_data: TrainData,
         out_dir: str | Path, *, accelerator: Any = None, loss_fn: LossFn | None = None,
-        progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+        progress: bool = True, log: Callable[[str], None] = print, score_train: bool = False) -> dict[str, Any]:
     """Train one fold (resuming from ``out_dir``'s last checkpoint if there is one).
+
+    ``score_train``: the kept (best) model also scores its own training rows, in their given orientation —
+    ``out_dir/train_logits.parquet`` (id, logit_a, logit_b, logit_tie), the student's fold-aligned
+    distillation targets; written before ``metrics.json``, so a finished fold always has it.
 
     Returns the metrics (also written to ``out_dir/metrics.json``): best held-out log loss and step,
     history, rows/s.
@@ -129,7 +149,7 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
     state = _resume(out_dir, accelerator, model, optimizer) or {"step": 0, "best_loss": None, "best_step": None,
                                                                    "history": []}
     ctx = _Loop(accelerator, model, optimizer, tokenizer.pad_token_id, train_cfg, stream,
-                loss_fn or _ce_loss, out_dir, log)
+                loss_fn or _ce_loss, out_dir, log, score_train)
     try:
         return ctx.run(state, train_data, eval_data, progress)
     finally:
@@ -158,9 +178,10 @@ def _optimizer(model: Any, cfg: TrainConfig) -> Any:
 class _Loop:
     """The training loop's state and steps (kept small: each method is one concern)."""
 
-    def __init__(self, accelerator, model, optimizer, pad_id, cfg, stream, loss_fn, out_dir, log):
+    def __init__(self, accelerator, model, optimizer, pad_id, cfg, stream, loss_fn, out_dir, log, score_train):
         self.acc, self.model, self.opt, self.pad_id = accelerator, model, optimizer, pad_id
         self.cfg, self.stream, self.loss_fn, self.out_dir, self.log = cfg, stream, loss_fn, out_dir, log
+        self.score_train = score_train
         self.warmup = int(cfg.warmup_ratio * stream.total_steps)
 
     def run(self, state: dict[str, Any], train: TrainData, held_out: TrainData, progress: bool) -> dict[str, Any]:
@@ -183,7 +204,30 @@ class _Loop:
                 self._checkpoint(state)
         bar.close()
         elapsed = time.perf_counter() - start
-        return self._finish(state, seen / elapsed if elapsed > 0 else 0.0)
+        if self.score_train:
+            self._score_train(state, train)
+        metrics = self._finish(state, seen / elapsed if elapsed > 0 else 0.0)
+        if self.acc.is_main_process:
+            (self.out_dir / BEST_WEIGHTS).unlink(missing_ok=True)  # only now: a crash before metrics needs it
+        return metrics
+
+    def _score_train(self, state: dict[str, Any], train: TrainData) -> None:
+        """The kept model's logits on its own training rows → train_logits.parquet."""
+        import torch
+        from safetensors.torch import load_file
+
+        if state["best_step"] != state["step"]:  # the last step is not the kept one: load the kept weights
+            params = _trainable(self.acc.unwrap_model(self.model))
+            with torch.no_grad():
+                for name, value in load_file(self.out_dir / BEST_WEIGHTS).items():
+                    params[name].copy_(value.to(params[name].device))
+        logits = predict_logits(self.acc, self.model, train.ids, self.pad_id, self.cfg.eval_batch_size)
+        if self.acc.is_main_process:
+            pd.DataFrame({"id": train.row_ids, "logit_a": logits[:, 0], "logit_b": logits[:, 1],
+                          "logit_tie": logits[:, 2]}).to_parquet(self.out_dir / "train_logits.parquet")
+        self.log(f"the kept model (step {state['best_step']}) scored its {len(train.ids)} training rows → "
+                 f"{self.out_dir / 'train_logits.parquet'}")
+        self.acc.wait_for_everyone()
 
     def _step(self, step: int, train: TrainData) -> tuple[float, int]:
         """One optimiser step; returns (mean train loss of this process's rows, rows this process saw)."""
@@ -227,6 +271,8 @@ class _Loop:
             state["best_loss"], state["best_step"] = loss, state["step"]
             if self.acc.is_main_process:
                 save_adapter(self.acc.unwrap_model(self.model), self.out_dir / "adapter")
+                if self.score_train:  # the kept weights, to score the training rows with after the last step
+                    _save_trainable(self.acc.unwrap_model(self.model), self.out_dir / BEST_WEIGHTS)
                 pd.DataFrame({"id": held_out.row_ids, "logit_a": logits[:, 0], "logit_b": logits[:, 1],
                               "logit_tie": logits[:, 2]}).to_parquet(self.out_dir / "eval_logits.parquet")
         self.acc.wait_for_everyone()
@@ -290,15 +336,34 @@ def save_adapter(model: Any, path: Path) -> None:
 # -- checkpoints -------------------------------------------------------------------------------------
 
 
+def fit_identity(model_cfg: ModelConfig, train_cfg: TrainConfig, processes: int) -> dict[str, Any]:
+    """What a fold's result depends on: the configs, with the model named by ``zoo.model_identity`` (not by
+    the folder it was read from on this node), and the process count only when the config leaves the global
+    batch to it (``global_batch = 0``: a step is ``batch_size × grad_accum × processes`` rows)."""
+    from .zoo import model_identity
+
+    model = to_dict(model_cfg) | {"model_dir": model_identity(model_cfg.model_dir)}
+    return {"model": model, "train": to_dict(train_cfg)} | ({} if train_cfg.global_batch else {"processes": processes})
+
+
+def has_progress(out_dir: Path) -> bool:
+    """Whether a fold folder holds anything a restart would keep: a checkpoint, an adapter or its metrics."""
+    return (latest_checkpoint(out_dir) is not None or (out_dir / "metrics.json").exists()
+            or (out_dir / "adapter").exists())
+
+
 def _guard_configs(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, accelerator: Any) -> None:
-    """Save the configs beside the fold's output; refuse to resume a folder trained with other configs."""
-    wanted = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "processes": accelerator.num_processes}
+    """Save the configs beside the fold's output; refuse to resume a folder trained with other configs.
+    A folder with no progress yet (a launch that failed before its first checkpoint) locks nothing."""
+    wanted = fit_identity(model_cfg, train_cfg, accelerator.num_processes)
     path = out_dir / "fit_config.json"
     if path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved != wanted:
-            raise ValueError(f"{out_dir} holds a run with other configs ({path}); use another folder")
-        return
+        if saved == wanted:
+            return
+        if has_progress(out_dir):
+            raise ValueError(f"{out_dir} holds a run with other configs ({path}); use another folder, or force "
+                             "the stage to train it again")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -322,8 +387,7 @@ def write_checkpoint(out_dir: Path, state: dict[str, Any], accelerator: Any, mod
     accelerator.wait_for_everyone()
     save_file({"rng": torch.get_rng_state()}, tmp / f"rng-rank{rank}.safetensors")
     if accelerator.is_main_process:
-        weights = {k: v.contiguous().cpu() for k, v in _trainable(accelerator.unwrap_model(model)).items()}
-        save_file(weights, tmp / "trainable.safetensors")
+        _save_trainable(accelerator.unwrap_model(model), tmp / "trainable.safetensors")
         tensors, meta = _optimizer_to_tensors(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -361,7 +425,11 @@ def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any) -> dict
     meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
     optimizer.load_state_dict(_optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta))
     rng_file = path / f"rng-rank{accelerator.process_index}.safetensors"
-    torch.set_rng_state(load_file(rng_file)["rng"])
+    if rng_file.exists():
+        torch.set_rng_state(load_file(rng_file)["rng"])
+    else:  # resumed on more processes than wrote the checkpoint: this rank keeps its seeded generator
+        print(f"{path} has no RNG state for process {accelerator.process_index}: dropout continues from a fresh "
+              "seed there (the weights and the data order are unaffected; bit-exact resume needs the same count)")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     if accelerator.is_main_process:
         print(f"resumed from {path} (step {state['step']})")
@@ -370,6 +438,17 @@ def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any) -> dict
 
 def _trainable(model: Any) -> dict[str, Any]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+BEST_WEIGHTS = "best_trainable.safetensors"  # the kept step's trainable weights, while score_train needs them
+
+
+def _save_trainable(model: Any, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in _trainable(model).items()}, tmp)
+    os.replace(tmp, path)
 
 
 def _optimizer_to_tensors(sd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,6 +10,7 @@ Heavy imports (``tokenizers``, ``transformers``) are local to the functions that
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -147,12 +148,64 @@ def _gguf_for(name: str, cache: Path) -> Path:
 ZOO_PREFIX = "zoo:"
 
 
+def is_hub_id(model_dir: str) -> bool:
+    """``org/name`` that is not a local folder: a Hugging Face hub model id."""
+    return (not Path(model_dir).exists() and model_dir.count("/") == 1 and not model_dir.startswith((".", "/", "~"))
+            and all(part and part.strip() == part for part in model_dir.split("/")))
+
+
 def resolve_model_dir(model_dir: str, cache: str | Path | None = None) -> str:
-    """``zoo:<name>`` → the converted checkpoint folder of that zoo model (prepared on first use); a plain
-    path is returned unchanged. Configs keep the portable ``zoo:`` form."""
-    if not model_dir.startswith(ZOO_PREFIX):
-        return model_dir
-    return str(prepare_model(model_dir[len(ZOO_PREFIX):], cache))
+    """Where a named model's files are, as a local folder:
+
+    - ``zoo:<name>`` → the converted checkpoint folder of that zoo model (prepared on first use);
+    - a hub id (``google/gemma-2-9b-it``) → its snapshot in the Hugging Face cache (``$HF_HOME``/
+      ``$HF_HUB_CACHE``), downloaded when the hub can be reached (weights as safetensors only; nothing pickled);
+      offline (``HF_HUB_OFFLINE=1``, a Kaggle kernel) the cached snapshot, else an error saying how to get it;
+    - a local folder → unchanged.
+
+    Configs keep the portable name (``zoo:…``, the hub id); the folder is resolved where the stage runs.
+    """
+    if model_dir.startswith(ZOO_PREFIX):
+        return str(prepare_model(model_dir[len(ZOO_PREFIX):], cache))
+    if is_hub_id(model_dir):
+        return str(hub_snapshot(model_dir))
+    return model_dir
+
+
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")  # configs, weights, tokenizer; no *.bin
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of hub model ``repo_id`` (see ``resolve_model_dir``)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(HUB_FILES)))
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"model {repo_id!r}: no local folder of that name, not in the Hugging Face cache, and the hub cannot be "
+            f"reached ({err}); download "
+            f"it where there is internet (`hf download {repo_id}`, after accepting its licence), copy the cache, "
+            f"or attach it and pass its local folder instead") from None
+    except HFValidationError as err:
+        raise ValueError(f"{repo_id!r} is neither a local folder nor a valid hub model id: {err}") from None
+
+
+def model_identity(model_dir: str) -> dict[str, Any]:
+    """What identifies a model across machines (run-folder guards compare this, never a mount path):
+    the portable name for ``zoo:`` and hub ids; for a local folder its name, the sha256 of its
+    ``config.json`` and the names and sizes of its weight files."""
+    if model_dir.startswith(ZOO_PREFIX) or is_hub_id(model_dir):
+        return {"name": model_dir}
+    folder = Path(model_dir)
+    config = folder / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+    weights = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")) if folder.is_dir() else []
+    stamp = folder / "lmsys_zoo.json"
+    if stamp.is_file():  # a converted zoo model: its portable name
+        return {"name": ZOO_PREFIX + json.loads(stamp.read_text(encoding="utf-8"))["name"]}
+    return {"name": folder.name, "config_sha256": digest, "weights": [list(w) for w in weights]}
 
 
 def prepare_model(name: str, cache: str | Path | None = None, dtype: str = "bfloat16") -> Path:

@@ -97,7 +97,7 @@ def test_student_folds_distil_write_oof_and_merge(run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "distill", "--run-dir", str(run), "--config", str(cfg)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "distilling from t1 (kl, T = 1.0)" in proc.stdout
+    assert "distilling from t1 (kl, T = 1.0, targets in_fold)" in proc.stdout
     frame, folds = teacher.load_split(run)
     oof = pd.read_parquet(run / "student" / "s" / "oof.parquet")
     assert sorted(oof["id"]) == sorted(frame["id"]) and oof["id"].is_unique and (oof["teacher"] == "s").all()
@@ -131,3 +131,34 @@ def test_student_without_teachers_is_the_hard_label_baseline_and_other_config_is
     _student_json(run, cfg, name="ce", teachers=[], folds=[1], temperature=3.0)
     clash = subprocess.run(command, capture_output=True, text=True)
     assert clash.returncode == 2 and "holds another config" in clash.stderr
+
+
+def test_in_fold_targets_never_see_the_labels_of_the_student_held_out_fold(run, tmp_path):
+    """Relabel every row of fold 0 and train the teacher again: student fold 0's in-fold targets are unchanged
+    bit for bit (teacher fold 0 never saw fold 0), while its OOF targets move (teacher fold 1 trained on it)."""
+    import shutil
+
+    other = tmp_path / "relabelled"
+    shutil.copytree(run / "data", other / "data")
+    frame, fold_of = teacher.load_split(run)
+    raw = parsing.read_table(run / "data" / "train.csv")
+    labels = raw[list(parsing.LABEL_COLUMNS)].to_numpy()
+    raw.loc[fold_of == 0, list(parsing.LABEL_COLUMNS)] = np.roll(labels[fold_of == 0], 1, axis=1)
+    parsing.write_table(raw, other / "data" / "train.csv")
+    assert (teacher.load_split(other)[0]["label"].to_numpy() != frame["label"].to_numpy()).sum() == (fold_of == 0).sum()
+    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "teacher", "--run-dir", str(other), "--config",
+                           str(run / "t1.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    ids, held = frame["id"].to_numpy()[fold_of != 0], frame["id"].to_numpy()[fold_of == 0]
+    cfg = DistillConfig(teachers=("t1",))
+    before, after = (distill.targets_for(r, cfg, 0, ids, held) for r in (run, other))
+    assert np.array_equal(before.logits, after.logits) and before.mask.all()
+    oof = DistillConfig(teachers=("t1",), targets="oof")
+    before_oof, after_oof = (distill.targets_for(r, oof, 0, ids, held).rows(ids)[0] for r in (run, other))
+    assert not np.allclose(before_oof, after_oof)  # the leak the in-fold default avoids
+    leaky = other / "teachers" / "leaky" / "fold0"  # a teacher fold 0 trained on other folds: it saw fold 0
+    leaky.mkdir(parents=True)
+    shutil.copy(other / "teachers" / "t1" / "fold1" / "train_logits.parquet", leaky / "train_logits.parquet")
+    with pytest.raises(ValueError, match=rf"leaky fold 0 .*trained on {len(held)} row\(s\) of the student's held-out fold 0"):
+        distill.targets_for(other, DistillConfig(teachers=("leaky",)), 0, ids, held)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 LIGHT = ("config", "parsing", "prompting", "synthetic", "metrics", "eda", "kaggle", "zoo", "cli", "notebook", "quantize",
-         "inference", "batching", "wheelhouse", "demo", "evaluate")
+         "inference", "batching", "wheelhouse", "demo", "evaluate", "prepare", "contract", "recipe")
 
 
 def test_light_modules_do_not_import_torch():

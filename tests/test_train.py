@@ -146,9 +146,9 @@ def test_oof_covers_every_id_exactly_once(small_run, tmp_path):
 def test_two_processes_with_accelerate_agree_with_one(small_run, tmp_path):
     """accelerate's launcher, 2 CPU processes over gloo (DDP), against 1 process with 2× accumulation."""
     root = Path(__file__).resolve().parents[1]
-    steps = {"max_steps": 6, "batch_size": 4, "eval_every": 0, "checkpoint_every": 3}
-    two = _teacher_json(tmp_path / "two.json", small_run, max_length=128, grad_accum=1, **steps)
-    one = _teacher_json(tmp_path / "one.json", small_run, max_length=128, grad_accum=2, **steps)
+    steps = {"max_steps": 6, "batch_size": 4, "eval_every": 0, "checkpoint_every": 3, "global_batch": 8}
+    two = _teacher_json(tmp_path / "two.json", small_run, max_length=128, **steps)  # the same config: a global
+    one = _teacher_json(tmp_path / "one.json", small_run, max_length=128, **steps)  # batch, not a process count
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(root / "configs" / "accelerate" / "cpu2.yaml"), "-m", "lmsys_lib", "teacher",
               "--run-dir", str(small_run), "--config", str(two), "--folds", "0", "--name", "ddp"]
@@ -168,6 +168,70 @@ def test_two_processes_with_accelerate_agree_with_one(small_run, tmp_path):
     a = load_file(small_run / "teachers" / "ddp" / "fold0" / "adapter" / "model.safetensors")
     b = load_file(small_run / "teachers" / "single" / "fold0" / "adapter" / "model.safetensors")
     assert all(np.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_run_folder_is_portable_and_a_failed_launch_locks_nothing(small_run, tmp_path):
+    """Moved to another path with its model at another path, the run resumes; a launch that died before its
+    first checkpoint does not lock the name; other settings are refused unless forced."""
+    import shutil
+
+    run = tmp_path / "node1" / "run"
+    shutil.copytree(small_run / "data", run / "data")
+    shutil.copytree(small_run / "models" / "tiny-llama", tmp_path / "node1" / "tiny-llama")
+    base = {"max_steps": 2, "eval_every": 0, "global_batch": 16}
+
+    def teacher_cli(run_dir, cfg, *flags):
+        return subprocess.run([sys.executable, "-m", "lmsys_lib", "teacher", "--run-dir", str(run_dir), "--config",
+                               str(cfg), "--folds", "0", *flags], capture_output=True, text=True)
+
+    broken = _teacher_json(tmp_path / "broken.json", run, max_length=128, **base)
+    data = json.loads(broken.read_text())
+    data["model"]["model_dir"] = str(tmp_path / "no-such-model")
+    broken.write_text(json.dumps(data))
+    died = teacher_cli(run, broken)
+    assert died.returncode == 2 and "no-such-model" in died.stderr  # dies loading the model: nothing trained
+    good = _teacher_json(tmp_path / "good.json", run, max_length=128, **base)
+    data = json.loads(good.read_text())
+    data["model"]["model_dir"] = str(tmp_path / "node1" / "tiny-llama")
+    good.write_text(json.dumps(data))
+    first = teacher_cli(run, good)
+    assert first.returncode == 0 and "nothing was trained under it: replaced" in first.stdout, first.stderr[-2000:]
+
+    shutil.copytree(tmp_path / "node1", tmp_path / "node2")  # another machine, other mount paths
+    data["model"]["model_dir"] = str(tmp_path / "node2" / "tiny-llama")
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(data))
+    again = teacher_cli(tmp_path / "node2" / "run", moved)
+    assert again.returncode == 0 and "fold 0 already trained — skipped" in again.stdout, again.stderr[-2000:]
+
+    data["train"]["lr"] = 5e-4
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data))
+    clash = teacher_cli(tmp_path / "node2" / "run", other)
+    assert clash.returncode == 2 and "fold0 trained under it" in clash.stderr
+    forced = teacher_cli(tmp_path / "node2" / "run", other, "--force")
+    assert forced.returncode == 0 and "forced: fold0" in forced.stdout, forced.stderr[-2000:]
+    fit = json.loads((tmp_path / "node2" / "run" / "teachers" / "tiny" / "fold0" / "fit_config.json").read_text())
+    assert fit["train"]["lr"] == 5e-4 and "processes" not in fit  # a global batch: any process count
+
+
+def test_global_batch_makes_the_stream_independent_of_the_process_count():
+    cfg = TrainConfig(batch_size=4, global_batch=16, epochs=1.0)
+    lengths = np.random.default_rng(0).integers(10, 200, size=203)
+    one, two, four = (train.Stream(lengths, cfg, w) for w in (1, 2, 4))
+    assert one.total_steps == two.total_steps == four.total_steps
+    def plain(stream, s):
+        return [(list(rows), [bool(x) for x in swapped]) for rows, swapped in stream.step(s)]
+
+    assert all(plain(one, s) == plain(two, s) == plain(four, s) for s in range(one.total_steps))
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 processes"):
+        train.Stream(lengths, cfg, 3)
+    m = {"model_dir": "zoo:x"}
+    from lmsys_lib.config import ModelConfig
+
+    assert train.fit_identity(ModelConfig(**m), cfg, 1) == train.fit_identity(ModelConfig(**m), cfg, 8)
+    legacy = TrainConfig(batch_size=4, grad_accum=2)
+    assert train.fit_identity(ModelConfig(**m), legacy, 1) != train.fit_identity(ModelConfig(**m), legacy, 2)
 
 
 def test_check_oof_names_bad_ids():
@@ -203,7 +267,7 @@ def test_post_pretrain_merges_into_a_plain_checkpoint(small_run):
     cfg = PretrainConfig(data=(str(_extra_csv(small_run)),), held_out_share=0.2,
                          train=TrainConfig(max_steps=3, batch_size=8, grad_accum=1, lr=1e-2, eval_every=0,
                                            checkpoint_every=0))
-    result = teacher.post_pretrain(small_run, "pre", cfg, model_cfg, PackConfig(max_length=128))
+    result = teacher.post_pretrain(small_run, teacher.teacher_dir(small_run, "pre"), cfg, model_cfg, PackConfig(max_length=128))
     tok = modeling.load_tokenizer(result.model_dir)
     merged = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
     base = AutoModelForSequenceClassification.from_pretrained(model_cfg.model_dir, num_labels=3)
@@ -235,7 +299,9 @@ def test_teacher_config_post_pretrains_then_trains_folds_from_the_merged_base(sm
     merged = small_run / "teachers" / "withpre" / "pretrained" / "merged"
     assert (merged / "model.safetensors").exists()
     fit = json.loads((small_run / "teachers" / "withpre" / "fold0" / "fit_config.json").read_text())
-    assert fit["model"]["model_dir"] == str(merged)
+    import hashlib  # the fold names its base portably: the merged folder's name and content, not its path
+    assert fit["model"]["model_dir"]["name"] == "merged"
+    assert fit["model"]["model_dir"]["config_sha256"] == hashlib.sha256((merged / "config.json").read_bytes()).hexdigest()
     again = subprocess.run(command + ["--folds", "1"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "post-pretraining already done" in again.stdout
@@ -260,8 +326,8 @@ def test_full_fine_tuning_post_pretrain_starts_the_folds_from_its_checkpoint(sma
     model_cfg = ModelConfig(model_dir=str(small_run / "models" / "tiny-llama"), lora_r=0, head_init="model")
     cfg = PretrainConfig(data=(str(_extra_csv(small_run)),), held_out_share=0.2,
                          train=TrainConfig(max_steps=2, batch_size=8, grad_accum=1, eval_every=0, checkpoint_every=0))
-    first = teacher.post_pretrain(small_run, "fullpre", cfg, model_cfg, PackConfig(max_length=96), log=lambda _: None)
+    first = teacher.post_pretrain(small_run, teacher.teacher_dir(small_run, "fullpre"), cfg, model_cfg, PackConfig(max_length=96), log=lambda _: None)
     assert (first.model_dir / "config.json").exists()
     said = []
-    again = teacher.post_pretrain(small_run, "fullpre", cfg, model_cfg, PackConfig(max_length=96), log=said.append)
+    again = teacher.post_pretrain(small_run, teacher.teacher_dir(small_run, "fullpre"), cfg, model_cfg, PackConfig(max_length=96), log=said.append)
     assert again.model_dir == first.model_dir and "already done" in said[0]
