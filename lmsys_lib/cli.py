@@ -198,8 +198,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .zoo import resolve_model_dir
 
     if args.run_dir:
-        if args.adapters or args.folds_dir:
-            raise ValueError("--run-dir merges the run's own folds: leave out --adapters/--folds-dir")
+        if args.adapters or args.folds_dir or args.form != "checkpoint":
+            raise ValueError("--run-dir merges the run's own folds into a checkpoint: leave out --adapters, "
+                             "--folds-dir and --form")
         out = merge.run(args.run_dir, args.name, base=args.base, out_dir=args.out,
                         max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), force=args.force)
         print(out)
@@ -219,6 +220,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from . import config as C
     from . import quantize
     from .config import PackConfig, QuantizeConfig, from_dict
     from .contract import pack_for
@@ -234,7 +236,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     model = resolve_model_dir(paths["model"])
     explicit = from_dict(PackConfig, _read_config(args.pack_config)) if args.pack_config else None
     pack = pack_for(model, explicit, max_length=args.max_length)
-    if _quantized_already(Path(paths["out"]), cfg, args.force):
+    stamp = {"settings": C.to_dict(cfg), "pack": C.to_dict(pack), "fraction": args.fraction,
+             "source": _source_stamp(Path(model))}
+    if _quantized_already(Path(paths["out"]), stamp, args.force):
         return 0
     try:
         report = quantize.run(model, paths["out"], paths["data"], paths["holdout"], pack, cfg, device=args.device,
@@ -242,6 +246,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     except quantize.FidelityError as err:
         print(f"lmsys quantize: {err}\n(report: {Path(paths['out']) / 'fidelity.json'})", file=sys.stderr)
         return 1
+    (Path(paths["out"]) / STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
     print(quantize.report_table(report).to_string(index=False))
     print(f"{paths['out']}: faithful (mean KL {report['kl_mean']:.2e} <= {cfg.max_mean_kl:g}, "
           f"agreement {report['argmax_agreement']:.3f} >= {cfg.min_agreement:g})")
@@ -255,22 +260,38 @@ def _run_paths(args: argparse.Namespace, defaults: dict[str, str]) -> dict[str, 
         value = getattr(args, key, None)
         if value is None and getattr(args, "run_dir", None):
             value = str(Path(args.run_dir) / inside)
+            if key != "out" and not Path(value).exists():
+                raise FileNotFoundError(f"{value} does not exist: run the stage that writes it first, or pass "
+                                        f"--{key.replace('_', '-')}")
         if value is None:
             raise ValueError(f"--{key.replace('_', '-')} is needed (or --run-dir RUN: {inside} inside it)")
         out[key] = value
     return out
 
 
-def _quantized_already(out: Path, cfg: Any, force: bool) -> bool:
-    """A passed quantisation with the same settings in ``out`` is kept unless forced (never redone silently)."""
-    from .config import to_dict
+STAMP = "lmsys_quantize_stamp.json"  # what a CLI quantisation was made from: settings, format, share, source
 
-    sidecar, report = out / "quantize.json", out / "fidelity.json"
-    if force or not (sidecar.is_file() and report.is_file()):
+
+def _source_stamp(model: Path) -> Any:
+    """The merged model's content: its merge record's adapter hashes and base, else its identity."""
+    from .zoo import model_identity
+
+    record = model / "lmsys_merge.json"
+    if record.is_file():
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return {"adapter_sha256": data.get("adapter_sha256"), "stamp": data.get("stamp")}
+    return model_identity(str(model))
+
+
+def _quantized_already(out: Path, stamp: dict[str, Any], force: bool) -> bool:
+    """A passed quantisation of the same model with the same settings, format and share in ``out`` is kept
+    unless forced (never redone silently, never kept when anything it was made from changed)."""
+    saved, report = out / STAMP, out / "fidelity.json"
+    if force or not (saved.is_file() and report.is_file()):
         return False
-    same = json.loads(sidecar.read_text(encoding="utf-8")).get("settings") == to_dict(cfg)
+    same = json.loads(saved.read_text(encoding="utf-8")) == json.loads(json.dumps(stamp))
     if same and json.loads(report.read_text(encoding="utf-8")).get("passed"):
-        print(f"{out}: quantised with these settings already, fidelity passed — kept (--force to redo)")
+        print(f"{out}: this model quantised with these settings already, fidelity passed — kept (--force to redo)")
         return True
     return False
 
@@ -302,6 +323,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     cfg = inference.model_pack(cfg, args.model, explicit=explicit_pack)
     if args.no_temperature:
         cfg = dataclasses.replace(cfg, temperature=1.0)
+    elif args.temperature is not None:  # given: it wins, also when it is 1 (warned when the model's differs)
+        found = inference.contract_temperature(args.model)
+        if found is not None and abs(found[0] - args.temperature) > 1e-9:
+            print(f"WARNING: temperature {args.temperature:g} given; the model's is {found[0]:.3f} ({found[1]})",
+                  file=sys.stderr)
     else:
         cfg = inference.model_temperature(cfg, args.model)
     result = read_competition(args.data, on_bad_cell="text")  # an undecodable cell stays as raw text: no row lost

@@ -5,8 +5,8 @@
     00_eda                tables + plots → eda.md, plots/*.png, tokenizer/ (a BPE trained on the train text)
     01_teacher_training   a real small pretrained model (Gemma-3 270M, LoRA) per grouped fold → teachers/<name>/
                           (fold adapters, held-out logits, oof.parquet); resumes from its checkpoints when killed
-    02_distillation       a smaller real model (SmolLM2-135M, LoRA) distilled per fold from the teacher's OOF
-                          logits → student/<name>/
+    02_distillation       a smaller real model (SmolLM2-135M, LoRA) distilled per fold from teacher fold k's
+                          logits on its own training rows (in-fold targets) → student/<name>/
     03_lora_merge         the student's folds merged exactly → merged/, fidelity vs the fold ensemble on the holdout
     04_quantization       GPTQ 8-bit of the merged student → quantized/, fidelity vs the merged model
     05_inference_2xT4     the quantised student scores test.csv (swap-TTA, the temperature fitted on the student's

@@ -550,6 +550,13 @@ def model_temperature(cfg: InferenceConfig, model_dir: str | Path, log: Callable
     return dataclasses.replace(cfg, temperature=value)
 
 
+def contract_temperature(model_dir: str | Path) -> tuple[float, str] | None:
+    """(T, its source) saved with the model (``contract.temperature_of``), or None."""
+    from .contract import temperature_of
+
+    return temperature_of(model_dir)
+
+
 def model_pack(cfg: InferenceConfig, model_dir: str | Path, explicit: bool = False,
                log: Callable[[str], None] = print) -> InferenceConfig:
     """``cfg`` with the prompt format of the model's contract (``contract.pack_for``) at ``cfg``'s length —

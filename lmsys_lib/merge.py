@@ -202,6 +202,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     _write_contract([a.path for a in adapters], tmp, str(dtype).split(".")[-1], log)
     (tmp / "lmsys_merge.json").write_text(json.dumps(
         {"method": "exact", "base": str(base_dir), "adapters": [str(a.path) for a in adapters],
+         "adapter_sha256": [file_sha256(Path(a.path) / "adapter_model.safetensors") for a in adapters],
          "formula": "W + mean_k(s_k * B_k @ A_k), fp32, one cast"}, indent=2), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -488,6 +489,27 @@ def plot_report(report: dict[str, Any]) -> Any:
     return fig
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished_folds(root: Path, run_dir: Path) -> list[Path]:
+    """Every fold of the run (``data/folds.parquet``) trained to its end (``metrics.json``): a fold still
+    training, or missing, is an error — its adapter would be a half-trained or absent member of the merge."""
+    k = int(pd.read_parquet(run_dir / "data" / "folds.parquet")["fold"].max()) + 1
+    unfinished = [f for f in range(k) if not (root / f"fold{f}" / "metrics.json").is_file()]
+    if unfinished:
+        raise ValueError(f"{root}: folds {unfinished} of {k} are not finished (no metrics.json): train them, or "
+                         "gather them from the machines that did, before merging")
+    return [root / f"fold{f}" / "adapter" for f in range(k)]
+
+
 def fold_base(root: str | Path) -> str:
     """The base a model's folds were trained from, found in its own folder: the post-pretrained checkpoint
     (``<root>/pretrained/merged``) when the folds started from it, else the model as named at launch (the
@@ -530,16 +552,18 @@ def run(run_dir: str | Path, name: str, base: str | None = None, out_dir: str | 
     roots = [r for r in (run_dir / "student" / name, run_dir / "teachers" / name) if r.is_dir()]
     if not roots:
         raise FileNotFoundError(f"{run_dir}: no student/{name} or teachers/{name}: train it first")
-    adapters = fold_adapters(roots[0])
+    from .zoo import model_identity
+
+    adapters = _finished_folds(roots[0], run_dir)
     out = Path(out_dir) if out_dir else run_dir / "merged"
-    stamp = {"adapters": [str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p) for p in adapters],
-             "sizes": [(p / "adapter_model.safetensors").stat().st_size for p in adapters]}
-    done = out / "lmsys_merge.json"
-    if done.is_file() and not force and json.loads(done.read_text(encoding="utf-8")).get("stamp") == stamp:
-        log(f"{out}: these folds are merged already — kept (--force to merge again)")
-        return out
     base_dir = resolve_model_dir(base or fold_base(roots[0]))
     check_base(base_dir, adapters)
+    stamp = {"adapter_sha256": [file_sha256(p / "adapter_model.safetensors") for p in adapters],
+             "base": model_identity(base_dir)}
+    done = out / "lmsys_merge.json"
+    if done.is_file() and not force and json.loads(done.read_text(encoding="utf-8")).get("stamp") == stamp:
+        log(f"{out}: these folds are merged onto this base already — kept (--force to merge again)")
+        return out
     merge_exact(base_dir, adapters, out, max_shard_bytes=max_shard_bytes, log=log)
     record = json.loads(done.read_text(encoding="utf-8")) | {"stamp": stamp, "base": str(base or fold_base(roots[0]))}
     done.write_text(json.dumps(record, indent=2), encoding="utf-8")

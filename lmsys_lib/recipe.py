@@ -273,7 +273,7 @@ def _other_plan(entry: dict[str, Any], folder: str | Path, cfg: Any, stage: Reci
     n = counts["classifier"] / 1e9
     bits = _quantized_bits(folder)
     if entry["stage"] == "merge":
-        p = notebook.plan("merge", n, 1, 16, stage.hardware, folds=5, price_per_hour=price)
+        p = notebook.plan("merge", n, 1, 16, stage.hardware, folds=_recipe_folds(folder), price_per_hour=price)
     elif entry["stage"] == "quantize":
         p = notebook.plan("quantize", n, cfg.calib_rows, cfg.calib_max_length, stage.hardware, price_per_hour=price)
     else:
@@ -302,6 +302,10 @@ def _student_model(folder: str | Path) -> Any:
     if not students:
         raise ValueError(f"{folder}: merge/quantize/inference stages need a student stage to size the model")
     return students[-1].model
+
+
+def _recipe_folds(folder: str | Path) -> int:
+    return load(folder)[0].folds
 
 
 def _quantized_bits(folder: str | Path) -> int:

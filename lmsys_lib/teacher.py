@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import parsing, train
-from .config import ModelConfig, PackConfig, PretrainConfig, TrainConfig
+from .config import ModelConfig, PackConfig, PretrainConfig, TrainConfig, to_dict
 
 OOF_COLUMNS = ("id", "fold", "logit_a", "logit_b", "logit_tie", "teacher")
 GIVEN_MODEL = "model_dir_given"  # in a saved stage config: the model as named at launch (merge's default base)
@@ -71,6 +71,15 @@ def stage_identity(cfg: Any) -> dict[str, Any]:
     return identity
 
 
+def split_identity(run_dir: str | Path) -> str:
+    """sha256 of the run's (id, fold) pairs: models trained on another split of the data never mix with these."""
+    import hashlib
+
+    frame, fold_of = load_split(run_dir)
+    pairs = sorted(f"{i}:{f}" for i, f in zip(frame["id"].astype(str), fold_of.tolist()))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+
+
 def stage_progress(root: Path) -> list[Path]:
     """The folders under a model's ``root`` holding trained progress (checkpoints, adapters, metrics)."""
     from .train import has_progress
@@ -104,19 +113,23 @@ def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
     ``body(model_cfg, accelerator, log)``; when it returns an ``oof.parquet``, fits the temperature on it
     (``temperature.json``) and records the stage as done.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     from .config import save_stage
     from .zoo import resolve_model_dir
 
-    accelerator = Accelerator()
+    # rank 0 alone fetches a hub model and merges a post-pretrained base (a 70B: far over the default timeout)
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     main = accelerator.is_main_process
     try:
-        identity = stage_identity(cfg)
-        _claim(saved, identity, cfg, force, log if main else (lambda _: None), main)
+        identity = stage_identity(cfg) | {"split": split_identity(run_dir)}
+        changed = _claim(saved, identity, cfg, force, log if main else (lambda _: None), main)
         if main:
-            if force:
-                clear_stage(saved.parent, cfg.folds or None, log)
+            if force:  # a changed config invalidates every fold and the post-pretraining, not just those run now
+                clear_stage(saved.parent, None if changed else (cfg.folds or None), log)
             saved.parent.mkdir(parents=True, exist_ok=True)
             tmp = saved.with_name(saved.name + ".tmp")
             given = {GIVEN_MODEL: cfg.model.model_dir}  # where it was read from here: a hint, not compared
@@ -138,18 +151,23 @@ def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
 
 
 def _claim(saved: Path, identity: dict[str, Any], cfg: Any, force: bool, log: Callable[[str], None],
-           main: bool) -> None:
-    if not saved.exists() or force:
-        return
+           main: bool) -> bool:
+    """Whether the saved config differs from ``identity``; raises when it does and something was trained under
+    it (unless ``force``)."""
+    if not saved.exists():
+        return False
     before = json.loads(saved.read_text(encoding="utf-8"))
     before.pop(GIVEN_MODEL, None)
     if before == identity:
-        return
+        return False
+    if force:
+        return True
     progress = stage_progress(saved.parent)
     if progress:
         raise ValueError(f"{saved} holds another config for '{cfg.name}', and {', '.join(p.name for p in progress)} "
                          "trained under it: use another name or run folder, or --force to train again")
     log(f"[{cfg.name}] {saved.name} held another config, but nothing was trained under it: replaced")
+    return True
 
 
 def save_oof_temperature(run_dir: str | Path, root: Path, log: Callable[[str], None] = print) -> float:
@@ -216,18 +234,20 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
     keep = dry_run_rows(frame["id"].tolist(), fraction)
     frame, fold_of = frame.loc[keep].reset_index(drop=True), fold_of[keep]
     data = train.pack_for_training(Packer(load_tokenizer(model_cfg.model_dir), pack_cfg), frame)
+    extra = {"pack": to_dict(pack_cfg), "split": split_identity(run_dir), "fraction": fraction}
     for fold in (range(k) if folds is None else folds):
         if not 0 <= fold < k:
             raise ValueError(f"fold {fold} does not exist: the run has folds 0–{k - 1} (data/folds.parquet)")
         out = root / f"fold{fold}"
         if fold_done(out, score_train):
+            _same_fit(out, model_cfg, train_cfg, extra, accelerator)
             log(f"[{name}] fold {fold} already trained — skipped")
             continue
         log(f"[{name}] fold {fold}: {int((fold_of != fold).sum())} train rows, {int((fold_of == fold).sum())} held out")
         fold_train = data.subset(fold_of != fold)
         train.fit(model_cfg, train_cfg, fold_train, data.subset(fold_of == fold), out, log=log,
                   accelerator=accelerator, loss_fn=loss_for(fold, fold_train) if loss_for else None,
-                  score_train=score_train)
+                  score_train=score_train, extra_identity=extra)
     finished = all(fold_done(root / f"fold{f}", score_train) for f in range(k))  # eval_logits exist mid-fold
     if fraction >= 1.0 and finished:
         if accelerator is None or accelerator.is_main_process:
@@ -236,6 +256,19 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
             accelerator.wait_for_everyone()
         return root / "oof.parquet"
     return root
+
+
+def _same_fit(out: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, extra: dict[str, Any], accelerator: Any) -> None:
+    """A finished fold (perhaps trained on another machine and copied in) must have been trained with these
+    settings, on this split: else its logits would be mixed with other models'."""
+    processes = accelerator.num_processes if accelerator is not None else 1
+    want = train.fit_identity(model_cfg, train_cfg, processes) | extra
+    path = out / "fit_config.json"
+    have = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if have != want:
+        diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
+        raise ValueError(f"{out} was trained with other settings or on another split ({path}: {diff} differ): "
+                         "remove it, or train it again with --force")
 
 
 def fold_done(out: Path, score_train: bool = False) -> bool:
@@ -291,9 +324,11 @@ class PretrainResult:
 
 
 def data_path(run_dir: str | Path, path: str) -> Path:
-    """A data file named in a config: relative paths are inside the run folder (``data/extra.csv``, written by
-    ``lmsys prepare --extra``), so a config and its run folder move together."""
-    return Path(path) if Path(path).is_absolute() else Path(run_dir) / path
+    """A data file named in a config: a relative path is looked up inside the run folder first (``data/extra.csv``,
+    written by ``lmsys prepare --extra``, so a config and its run folder move together), then from the working
+    directory."""
+    inside = Path(run_dir) / path
+    return inside if not Path(path).is_absolute() and inside.exists() else Path(path)
 
 
 def post_pretrain(run_dir: str | Path, root: Path, cfg: PretrainConfig, model_cfg: ModelConfig,
@@ -330,8 +365,11 @@ def post_pretrain(run_dir: str | Path, root: Path, cfg: PretrainConfig, model_cf
     data = train.pack_for_training(Packer(tokenizer, pack_cfg), extra)
     held = np.random.default_rng(cfg.train.seed).random(len(extra)) < cfg.held_out_share
     held[0], held[-1] = True, False  # at least one row on each side
-    metrics = train.fit(model_cfg, cfg.train, data.subset(~held), data.subset(held), out, log=log,
-                        accelerator=accelerator)
+    if (out / "metrics.json").exists() and (out / "adapter").exists():  # trained; only the merge was missing
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    else:
+        metrics = train.fit(model_cfg, cfg.train, data.subset(~held), data.subset(held), out, log=log,
+                            accelerator=accelerator)
     if accelerator is None or accelerator.is_main_process:
         merge_adapter_into_base(model_cfg, out / "adapter", merged, tokenizer, log=log)
     if accelerator is not None:

@@ -123,12 +123,16 @@ class Stream:
 
 def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, eval_data: TrainData,
         out_dir: str | Path, *, accelerator: Any = None, loss_fn: LossFn | None = None,
-        progress: bool = True, log: Callable[[str], None] = print, score_train: bool = False) -> dict[str, Any]:
+        progress: bool = True, log: Callable[[str], None] = print, score_train: bool = False,
+        extra_identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one fold (resuming from ``out_dir``'s last checkpoint if there is one).
 
     ``score_train``: the kept (best) model also scores its own training rows, in their given orientation —
     ``out_dir/train_logits.parquet`` (id, logit_a, logit_b, logit_tie), the student's fold-aligned
     distillation targets; written before ``metrics.json``, so a finished fold always has it.
+
+    ``extra_identity``: more of what the fold's result depends on (the prompt format, the split), saved in
+    ``fit_config.json`` beside the configs and compared on resume.
 
     Returns the metrics (also written to ``out_dir/metrics.json``): best held-out log loss and step,
     history, rows/s.
@@ -140,12 +144,16 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
 
     accelerator = accelerator or Accelerator()
     out_dir = Path(out_dir)
-    _guard_configs(out_dir, model_cfg, train_cfg, accelerator)
+    _guard_configs(out_dir, model_cfg, train_cfg, accelerator, extra_identity or {})
     torch.manual_seed(train_cfg.seed)  # the head's initialisation and LoRA's
     model, tokenizer = load_classifier(model_cfg, accelerator.device)
     optimizer = _optimizer(model, train_cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     stream = Stream(train_data.lengths, train_cfg, accelerator.num_processes)
+    if stream.total_steps < 1:
+        raise ValueError(f"{out_dir}: {len(train_data.ids)} training rows make no optimiser step of "
+                         f"{micro_per_step(train_cfg, accelerator.num_processes)} micro-batches of "
+                         f"{train_cfg.batch_size} rows: lower global_batch/batch_size or use more rows")
     state = _resume(out_dir, accelerator, model, optimizer) or {"step": 0, "best_loss": None, "best_step": None,
                                                                    "history": []}
     ctx = _Loop(accelerator, model, optimizer, tokenizer.pad_token_id, train_cfg, stream,
@@ -352,10 +360,11 @@ def has_progress(out_dir: Path) -> bool:
             or (out_dir / "adapter").exists())
 
 
-def _guard_configs(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, accelerator: Any) -> None:
+def _guard_configs(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, accelerator: Any,
+                   extra: dict[str, Any]) -> None:
     """Save the configs beside the fold's output; refuse to resume a folder trained with other configs.
     A folder with no progress yet (a launch that failed before its first checkpoint) locks nothing."""
-    wanted = fit_identity(model_cfg, train_cfg, accelerator.num_processes)
+    wanted = fit_identity(model_cfg, train_cfg, accelerator.num_processes) | extra
     path = out_dir / "fit_config.json"
     if path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))

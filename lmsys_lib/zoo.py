@@ -205,7 +205,11 @@ def model_identity(model_dir: str) -> dict[str, Any]:
     stamp = folder / "lmsys_zoo.json"
     if stamp.is_file():  # a converted zoo model: its portable name
         return {"name": ZOO_PREFIX + json.loads(stamp.read_text(encoding="utf-8"))["name"]}
-    return {"name": folder.name, "config_sha256": digest, "weights": [list(w) for w in weights]}
+    identity = {"name": folder.name, "config_sha256": digest, "weights": [list(w) for w in weights]}
+    record = folder / "lmsys_merge.json"  # a checkpoint we merged (a post-pretrained base): its adapters' content
+    if record.is_file():
+        identity["merged_from"] = json.loads(record.read_text(encoding="utf-8")).get("adapter_sha256")
+    return identity
 
 
 def prepare_model(name: str, cache: str | Path | None = None, dtype: str = "bfloat16") -> Path:

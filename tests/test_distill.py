@@ -162,3 +162,41 @@ def test_in_fold_targets_never_see_the_labels_of_the_student_held_out_fold(run, 
     shutil.copy(other / "teachers" / "t1" / "fold1" / "train_logits.parquet", leaky / "train_logits.parquet")
     with pytest.raises(ValueError, match=rf"leaky fold 0 .*trained on {len(held)} row\(s\) of the student's held-out fold 0"):
         distill.targets_for(other, DistillConfig(teachers=("leaky",)), 0, ids, held)
+
+
+def test_the_run_merge_checks_its_folds_and_base_and_keeps_only_what_is_current(run, tmp_path):
+    """merge.run: every fold finished, onto the base the folds were trained from; a finished merge is kept only
+    while the adapters' content (not their size) and the base are unchanged."""
+    import shutil
+
+    from lmsys_lib import contract
+
+    if not (run / "student" / "s" / "oof.parquet").exists():  # run alone: train the student first
+        proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "distill", "--run-dir", str(run), "--config",
+                               str(_student_json(run, tmp_path / "s.json"))], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / "run"
+    shutil.copytree(run / "data", work / "data")
+    shutil.copytree(run / "student" / "s", work / "student" / "s")
+    said = []
+    out = merge.run(work, "s", log=said.append)  # the base: the one named at launch, found in the run
+    assert contract.read(out)["pack"].max_length == 96
+    merge.run(work, "s", log=said.append)
+    assert "merged onto this base already" in said[-1]
+    adapter = work / "student" / "s" / "fold1" / "adapter" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter)
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1.0  # same shapes, same file size, other content
+    size = adapter.stat().st_size
+    save_file(tensors, adapter, metadata={"format": "pt"})
+    assert adapter.stat().st_size == size
+    said.clear()
+    merge.run(work, "s", log=said.append)
+    assert not any("already" in line for line in said)
+    with pytest.raises(ValueError, match="is not the base"):
+        merge.run(work, "s", base=str(run / "models" / "tiny-teacher"), force=True, log=said.append)
+    (work / "student" / "s" / "fold0" / "metrics.json").unlink()
+    with pytest.raises(ValueError, match=r"folds \[0\] of 2 are not finished"):
+        merge.run(work, "s", force=True, log=said.append)
