@@ -237,7 +237,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     explicit = from_dict(PackConfig, _read_config(args.pack_config)) if args.pack_config else None
     pack = pack_for(model, explicit, max_length=args.max_length)
     stamp = {"settings": C.to_dict(cfg), "pack": C.to_dict(pack), "fraction": args.fraction,
-             "source": _source_stamp(Path(model))}
+             "source": _source_stamp(Path(model)), "device": str(quantize.resolve_device(args.device))}
     if _quantized_already(Path(paths["out"]), stamp, args.force):
         return 0
     try:
@@ -279,7 +279,7 @@ def _source_stamp(model: Path) -> Any:
     record = model / "lmsys_merge.json"
     if record.is_file():
         data = json.loads(record.read_text(encoding="utf-8"))
-        return {"adapter_sha256": data.get("adapter_sha256"), "stamp": data.get("stamp")}
+        return {"adapter_sha256": data.get("adapter_sha256"), "base": data.get("base_identity")}
     return model_identity(str(model))
 
 

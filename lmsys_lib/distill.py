@@ -51,14 +51,29 @@ def run(run_dir: str | Path, cfg: DistillConfig, log: Callable[[str], None] = pr
             quiet(f"[{cfg.name}] distilling from {', '.join(cfg.teachers)} ({cfg.loss}, T = {cfg.temperature}, "
                   f"targets {cfg.targets})")
         model_cfg = teacher.pretrained_base(run_dir, root, cfg, model_cfg, quiet, accelerator)
+        stage = teacher.stage_identity(cfg)
         return teacher.train_folds(run_dir, cfg.name, model_cfg, cfg.train, cfg.pack, folds=cfg.folds or None,
                                    fraction=cfg.fraction, log=quiet, accelerator=accelerator, root=root,
-                                   loss_for=loss_for if cfg.teachers else None)
+                                   loss_for=loss_for if cfg.teachers else None,
+                                   fold_identity=lambda fold: {"stage": stage,
+                                                               "targets_sha256": targets_sha256(run_dir, cfg, fold)})
 
     if cfg.teachers and cfg.targets == "oof":  # fail before any model loads
         teacher_table(run_dir, cfg.teachers, frame["id"].to_numpy(), cfg.allow_missing_teacher_rows)
     return teacher.run_fold_stage(run_dir, cfg, root / "student_config.json", f"student-{cfg.name}", body, log,
                                   force)
+
+
+def targets_sha256(run_dir: str | Path, cfg: DistillConfig, fold: int) -> dict[str, str]:
+    """The content of the teacher logits student fold ``fold`` learns from, per teacher: a retrained or
+    re-imported teacher makes the fold's old training stale (refused, not reused)."""
+    from .merge import file_sha256
+
+    def source(name: str) -> Path:
+        folder = teacher.teacher_dir(run_dir, name)
+        return folder / (f"fold{fold}/train_logits.parquet" if cfg.targets == "in_fold" else "oof.parquet")
+
+    return {name: file_sha256(source(name)) for name in cfg.teachers if source(name).exists()}
 
 
 def targets_for(run_dir: str | Path, cfg: DistillConfig, fold: int, ids: np.ndarray,

@@ -203,6 +203,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     (tmp / "lmsys_merge.json").write_text(json.dumps(
         {"method": "exact", "base": str(base_dir), "adapters": [str(a.path) for a in adapters],
          "adapter_sha256": [file_sha256(Path(a.path) / "adapter_model.safetensors") for a in adapters],
+         "base_identity": _identity(base_dir),
          "formula": "W + mean_k(s_k * B_k @ A_k), fp32, one cast"}, indent=2), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -499,6 +500,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _identity(base_dir: Path) -> Any:
+    from .zoo import model_identity
+
+    return model_identity(str(base_dir))
+
+
 def _finished_folds(root: Path, run_dir: Path) -> list[Path]:
     """Every fold of the run (``data/folds.parquet``) trained to its end (``metrics.json``): a fold still
     training, or missing, is an error — its adapter would be a half-trained or absent member of the merge."""
@@ -507,7 +514,12 @@ def _finished_folds(root: Path, run_dir: Path) -> list[Path]:
     if unfinished:
         raise ValueError(f"{root}: folds {unfinished} of {k} are not finished (no metrics.json): train them, or "
                          "gather them from the machines that did, before merging")
-    return [root / f"fold{f}" / "adapter" for f in range(k)]
+    adapters = [root / f"fold{f}" / "adapter" for f in range(k)]
+    plain = [a.parent.name for a in adapters if not (a / "adapter_model.safetensors").is_file()]
+    if plain:
+        raise ValueError(f"{root}: {plain} hold no LoRA adapter (adapter/adapter_model.safetensors): full fine-tuning "
+                         "folds (lora_r = 0) are whole checkpoints, which this merge does not average")
+    return adapters
 
 
 def fold_base(root: str | Path) -> str:

@@ -44,8 +44,10 @@ def run(run_dir: str | Path, cfg: Any, log: Callable[[str], None] = print, force
 
     def body(model_cfg: ModelConfig, accelerator: Any, quiet: Callable[[str], None]) -> Path:
         model_cfg = pretrained_base(run_dir, root, cfg, model_cfg, quiet, accelerator)
+        stage = stage_identity(cfg)
         return train_folds(run_dir, cfg.name, model_cfg, cfg.train, cfg.pack, folds=cfg.folds or None,
-                           fraction=cfg.fraction, log=quiet, accelerator=accelerator, score_train=True)
+                           fraction=cfg.fraction, log=quiet, accelerator=accelerator, score_train=True,
+                           fold_identity=lambda fold: {"stage": stage})
 
     return run_fold_stage(run_dir, cfg, root / "teacher_config.json", f"teacher-{cfg.name}", body, log, force)
 
@@ -216,7 +218,8 @@ def dry_run_rows(ids: Sequence[Any], fraction: float) -> np.ndarray:
 def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig,
                 pack_cfg: PackConfig, folds: Sequence[int] | None = None, fraction: float = 1.0,
                 log: Callable[[str], None] = print, accelerator: Any = None, root: Path | None = None,
-                loss_for: Callable[[int, train.TrainData], Any] | None = None, score_train: bool = False) -> Path:
+                loss_for: Callable[[int, train.TrainData], Any] | None = None, score_train: bool = False,
+                fold_identity: Callable[[int], dict[str, Any]] | None = None) -> Path:
     """Train the given folds (default: all) of model ``name``; write ``oof.parquet`` once all exist.
 
     ``fraction`` < 1 trains and evaluates on that share of each fold (a dry run, ``dry_run_rows``); the OOF
@@ -224,6 +227,8 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
     folder (default ``teachers/<name>``); ``loss_for(fold, fold_train_data)`` gives a fold's training loss
     (default: cross-entropy) — the student stage passes its distillation loss here, so both share one loop.
     ``score_train``: each fold model also scores its own training rows (``fold<k>/train_logits.parquet``).
+    ``fold_identity(fold)``: more of what fold ``fold`` depends on (the stage config, the student's targets),
+    recorded with it; a finished fold recorded with other values is refused, not reused.
     """
     from .modeling import load_tokenizer
     from .prompting import Packer
@@ -239,15 +244,16 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
         if not 0 <= fold < k:
             raise ValueError(f"fold {fold} does not exist: the run has folds 0–{k - 1} (data/folds.parquet)")
         out = root / f"fold{fold}"
+        mine = extra | (fold_identity(fold) if fold_identity else {})
         if fold_done(out, score_train):
-            _same_fit(out, model_cfg, train_cfg, extra, accelerator)
+            _same_fit(out, model_cfg, train_cfg, mine, accelerator)
             log(f"[{name}] fold {fold} already trained — skipped")
             continue
         log(f"[{name}] fold {fold}: {int((fold_of != fold).sum())} train rows, {int((fold_of == fold).sum())} held out")
         fold_train = data.subset(fold_of != fold)
         train.fit(model_cfg, train_cfg, fold_train, data.subset(fold_of == fold), out, log=log,
                   accelerator=accelerator, loss_fn=loss_for(fold, fold_train) if loss_for else None,
-                  score_train=score_train, extra_identity=extra)
+                  score_train=score_train, extra_identity=mine)
     finished = all(fold_done(root / f"fold{f}", score_train) for f in range(k))  # eval_logits exist mid-fold
     if fraction >= 1.0 and finished:
         if accelerator is None or accelerator.is_main_process:
@@ -350,6 +356,12 @@ def post_pretrain(run_dir: str | Path, root: Path, cfg: PretrainConfig, model_cf
     if (merged / "config.json").exists() and (out / "metrics.json").exists():
         log(f"[{name}] post-pretraining already done — starting the folds from {merged}")
         return PretrainResult(merged, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
+    if (out / "metrics.json").exists() and (out / "adapter").exists():  # trained; only the merge was missing
+        if accelerator is None or accelerator.is_main_process:
+            merge_adapter_into_base(model_cfg, out / "adapter", merged, load_tokenizer(model_cfg.model_dir), log=log)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return PretrainResult(merged, json.loads((out / "metrics.json").read_text(encoding="utf-8")))
     extra = pd.concat([parsing.read_extra(data_path(run_dir, path), seed=cfg.seed).frame for path in cfg.data],
                       ignore_index=True)
     seen = [Path(run_dir) / "data" / n for n in ("train.csv", "holdout.csv") if (Path(run_dir) / "data" / n).exists()]
@@ -365,11 +377,8 @@ def post_pretrain(run_dir: str | Path, root: Path, cfg: PretrainConfig, model_cf
     data = train.pack_for_training(Packer(tokenizer, pack_cfg), extra)
     held = np.random.default_rng(cfg.train.seed).random(len(extra)) < cfg.held_out_share
     held[0], held[-1] = True, False  # at least one row on each side
-    if (out / "metrics.json").exists() and (out / "adapter").exists():  # trained; only the merge was missing
-        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    else:
-        metrics = train.fit(model_cfg, cfg.train, data.subset(~held), data.subset(held), out, log=log,
-                            accelerator=accelerator)
+    metrics = train.fit(model_cfg, cfg.train, data.subset(~held), data.subset(held), out, log=log,
+                        accelerator=accelerator)
     if accelerator is None or accelerator.is_main_process:
         merge_adapter_into_base(model_cfg, out / "adapter", merged, tokenizer, log=log)
     if accelerator is not None:

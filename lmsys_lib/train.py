@@ -146,14 +146,14 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
     out_dir = Path(out_dir)
     _guard_configs(out_dir, model_cfg, train_cfg, accelerator, extra_identity or {})
     torch.manual_seed(train_cfg.seed)  # the head's initialisation and LoRA's
-    model, tokenizer = load_classifier(model_cfg, accelerator.device)
-    optimizer = _optimizer(model, train_cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
     stream = Stream(train_data.lengths, train_cfg, accelerator.num_processes)
-    if stream.total_steps < 1:
+    if stream.total_steps < 1:  # before any model loads
         raise ValueError(f"{out_dir}: {len(train_data.ids)} training rows make no optimiser step of "
                          f"{micro_per_step(train_cfg, accelerator.num_processes)} micro-batches of "
                          f"{train_cfg.batch_size} rows: lower global_batch/batch_size or use more rows")
+    model, tokenizer = load_classifier(model_cfg, accelerator.device)
+    optimizer = _optimizer(model, train_cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
     state = _resume(out_dir, accelerator, model, optimizer) or {"step": 0, "best_loss": None, "best_step": None,
                                                                    "history": []}
     ctx = _Loop(accelerator, model, optimizer, tokenizer.pad_token_id, train_cfg, stream,

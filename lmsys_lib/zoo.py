@@ -207,8 +207,9 @@ def model_identity(model_dir: str) -> dict[str, Any]:
         return {"name": ZOO_PREFIX + json.loads(stamp.read_text(encoding="utf-8"))["name"]}
     identity = {"name": folder.name, "config_sha256": digest, "weights": [list(w) for w in weights]}
     record = folder / "lmsys_merge.json"  # a checkpoint we merged (a post-pretrained base): its adapters' content
-    if record.is_file():
-        identity["merged_from"] = json.loads(record.read_text(encoding="utf-8")).get("adapter_sha256")
+    hashes = json.loads(record.read_text(encoding="utf-8")).get("adapter_sha256") if record.is_file() else None
+    if hashes:
+        identity["merged_from"] = hashes
     return identity
 
 

@@ -117,7 +117,7 @@ def test_default_demo_trains_the_real_teacher_and_writes_oof_logits(tmp_path, ca
     assert sorted(oof["id"]) == sorted(train["id"]) and oof["id"].is_unique
     assert "[01_teacher_training] teacher gemma3-270m: held-out log loss fold0" in proc.stdout
     fit = json.loads((run / "teachers" / "gemma3-270m" / "fold0" / "fit_config.json").read_text())
-    assert fit["model"]["model_dir"] == str(zoo.models_cache() / "gemma3-270m")  # resolved from zoo:…
+    assert fit["model"]["model_dir"] == {"name": "zoo:gemma3-270m"}  # resolved from zoo:…, recorded portably
     saved = json.loads((run / "config" / "01_teacher_training.json").read_text())
     assert saved["config"]["model"]["model_dir"] == "zoo:gemma3-270m"  # the config stays portable
     quantised = json.loads((run / "quantized" / "fidelity.json").read_text())  # passed the default thresholds
