@@ -200,3 +200,37 @@ def test_the_run_merge_checks_its_folds_and_base_and_keeps_only_what_is_current(
     (work / "student" / "s" / "fold0" / "metrics.json").unlink()
     with pytest.raises(ValueError, match=r"folds \[0\] of 2 are not finished"):
         merge.run(work, "s", force=True, log=said.append)
+
+
+def test_the_student_post_pretrains_like_a_teacher_and_merges_onto_that_base(run, tmp_path):
+    """DistillConfig.pretrain: the student trains on extra data first (train rows repeated there dropped), its
+    folds start from that merged checkpoint, and merge.run finds it as the base."""
+    work = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run / "data", work / "data")
+    shutil.copytree(run / "teachers" / "t1", work / "teachers" / "t1")
+    extra = synthetic_extra(work)
+    cfg = _student_json(run, tmp_path / "pre.json", name="pre", folds=[0, 1],
+                        pretrain={"data": [str(extra)], "train": {"max_steps": 2, "batch_size": 8, "eval_every": 0}})
+    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "distill", "--run-dir", str(work), "--config", str(cfg)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 60 extra rows (10 repeating train rows and 0 duplicates dropped)" in proc.stdout
+    base = work / "student" / "pre" / "pretrained" / "merged"
+    fit = json.loads((work / "student" / "pre" / "fold0" / "fit_config.json").read_text())
+    assert fit["model"]["model_dir"]["name"] == "merged" and (base / "config.json").exists()
+    assert merge.fold_base(work / "student" / "pre") == str(base)
+    merged = merge.run(work, "pre", log=lambda _: None)
+    assert json.loads((merged / "lmsys_merge.json").read_text())["base"] == str(base)
+
+
+def synthetic_extra(work):
+    """60 new conversations in the competition layout + 10 that repeat the run's train rows."""
+    from lmsys_lib import synthetic
+
+    new = synthetic.generate(SynthConfig(n_train=60, n_test=1, seed=123))["train"]
+    repeat = parsing.read_table(work / "data" / "train.csv").iloc[:10]
+    path = work / "extra.csv"
+    synthetic.write_table(pd.concat([new, repeat], ignore_index=True), path)
+    return path
