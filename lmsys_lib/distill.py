@@ -42,9 +42,15 @@ def run(run_dir: str | Path, cfg: DistillConfig, log: Callable[[str], None] = pr
     frame, fold_of = teacher.load_split(run_dir)
     root = student_dir(run_dir, cfg.name)
 
+    # OOF targets: one table for every fold, validated before any model loads
+    oof = teacher_table(run_dir, cfg.teachers, frame["id"].to_numpy(), cfg.allow_missing_teacher_rows) \
+        if cfg.teachers and cfg.targets == "oof" else None
+
     def loss_for(fold: int, data: TrainData) -> Any:
         held = frame["id"].to_numpy()[fold_of == fold]
-        return make_loss(targets_for(run_dir, cfg, fold, data.row_ids, held), data, cfg)
+        table = oof if oof is not None else in_fold_table(run_dir, cfg.teachers, fold, data.row_ids, held,
+                                                             cfg.allow_missing_teacher_rows)
+        return make_loss(table, data, cfg)
 
     def body(model_cfg: ModelConfig, accelerator: Any, quiet: Callable[[str], None]) -> Path:
         if cfg.teachers:
@@ -58,8 +64,6 @@ def run(run_dir: str | Path, cfg: DistillConfig, log: Callable[[str], None] = pr
                                    fold_identity=lambda fold: {"stage": stage,
                                                                "targets_sha256": targets_sha256(run_dir, cfg, fold)})
 
-    if cfg.teachers and cfg.targets == "oof":  # fail before any model loads
-        teacher_table(run_dir, cfg.teachers, frame["id"].to_numpy(), cfg.allow_missing_teacher_rows)
     return teacher.run_fold_stage(run_dir, cfg, root / "student_config.json", f"student-{cfg.name}", body, log,
                                   force)
 
@@ -67,7 +71,7 @@ def run(run_dir: str | Path, cfg: DistillConfig, log: Callable[[str], None] = pr
 def targets_sha256(run_dir: str | Path, cfg: DistillConfig, fold: int) -> dict[str, str]:
     """The content of the teacher logits student fold ``fold`` learns from, per teacher: a retrained or
     re-imported teacher makes the fold's old training stale (refused, not reused)."""
-    from .merge import file_sha256
+    from .prepare import file_sha256
 
     def source(name: str) -> Path:
         folder = teacher.teacher_dir(run_dir, name)

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .prepare import file_sha256
+
 PREFIX = "base_model.model."
 HEAD = "score"
 
@@ -490,16 +492,6 @@ def plot_report(report: dict[str, Any]) -> Any:
     return fig
 
 
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _identity(base_dir: Path) -> Any:
     from .zoo import model_identity
 
@@ -529,7 +521,9 @@ def fold_base(root: str | Path) -> str:
     root = Path(root)
     if (root / "pretrained" / "merged" / "config.json").is_file():
         return str(root / "pretrained" / "merged")
-    for name in ("student_config.json", "teacher_config.json"):
+    from .contract import STAGE_CONFIGS
+
+    for name in STAGE_CONFIGS:
         saved = root / name
         if saved.is_file():
             given = json.loads(saved.read_text(encoding="utf-8")).get("model_dir_given")

@@ -175,7 +175,7 @@ def plan(folder: str | Path, run_dir: str | Path | None = None, price_per_hour: 
     cost, memory and fit. ``run_dir``: a prepared run folder whose real row counts replace the recipe's."""
     recipe, stages = load(folder)
     rows = _rows(recipe, run_dir)
-    out = [_stage_plan(folder, recipe, stage, cfg, rows, price_per_hour) for stage, cfg in stages]
+    out = [_stage_plan(folder, recipe, stages, stage, cfg, rows, price_per_hour) for stage, cfg in stages]
     return {"recipe": recipe.name, "description": recipe.description, "rows": rows, "folder": str(folder),
             "stages": out, "total_hours": sum(s["hours"] for s in out), "total_gpu_hours": sum(s["gpu_hours"] for s in out),
             "total_cost": sum(s["cost"] for s in out)}
@@ -192,16 +192,18 @@ def _rows(recipe: RecipeConfig, run_dir: str | Path | None) -> dict[str, Any]:
             "test": recipe.test_rows, "source": "recipe.json (projection: before de-duplication)"}
 
 
-def _stage_plan(folder: str | Path, recipe: RecipeConfig, stage: RecipeStage, cfg: Any, rows: dict[str, Any],
-                price: float | None) -> dict[str, Any]:
+def _stage_plan(folder: str | Path, recipe: RecipeConfig, stages: list[tuple[RecipeStage, Any]], stage: RecipeStage,
+                cfg: Any, rows: dict[str, Any], price: float | None) -> dict[str, Any]:
     entry = {"stage": stage.stage, "name": getattr(cfg, "name", stage.stage), "hardware": stage.hardware,
-             "engine": stage.engine, "processes": stage.processes, "command": _command(folder, recipe, stage),
+             "engine": stage.engine, "processes": stage.processes,
+             "command": _command(folder, recipe, stage, _student(folder, stages).name),
              "hours": 0.0, "gpu_hours": 0.0, "cost": 0.0, "fits": True, "memory": "", "detail": [],
              "note": stage.note}
     if stage.stage in ("teacher", "student"):
         _training_plan(entry, cfg, stage, recipe, rows, price)
     elif stage.stage in ("quantize", "holdout", "inference", "merge"):
-        _other_plan(entry, folder, cfg, stage, rows, price)
+        _other_plan(entry, _student(folder, stages).model, _config_of(stages, "quantize"), recipe.folds, cfg, stage,
+                    rows, price)
     return entry
 
 
@@ -266,14 +268,14 @@ def _evaluations(cfg: Any, train_rows: int, k: int, processes: int) -> int:
     return (steps // cfg.train.eval_every if cfg.train.eval_every else 0) + 1
 
 
-def _other_plan(entry: dict[str, Any], folder: str | Path, cfg: Any, stage: RecipeStage, rows: dict[str, Any],
-                price: float | None) -> None:
-    model = _student_model(folder)
+def _other_plan(entry: dict[str, Any], model: Any, quantize: Any, folds: int, cfg: Any, stage: RecipeStage,
+                rows: dict[str, Any], price: float | None) -> None:
+    """merge, quantize, holdout, inference: sized by the student's model (and the quantisation's bits)."""
     counts = model_counts(model.model_dir, model.lora_r, tuple(model.target_modules))
     n = counts["classifier"] / 1e9
-    bits = _quantized_bits(folder)
+    bits = quantize.bits if quantize is not None else 16
     if entry["stage"] == "merge":
-        p = notebook.plan("merge", n, 1, 16, stage.hardware, folds=_recipe_folds(folder), price_per_hour=price)
+        p = notebook.plan("merge", n, 1, 16, stage.hardware, folds=folds, price_per_hour=price)
     elif entry["stage"] == "quantize":
         p = notebook.plan("quantize", n, cfg.calib_rows, cfg.calib_max_length, stage.hardware, price_per_hour=price)
     else:
@@ -296,24 +298,19 @@ def _add_time(entry: dict[str, Any], parts: list[Any], stage: RecipeStage) -> No
     entry["cost"] = sum(p.cost_usd for p in parts)
 
 
-def _student_model(folder: str | Path) -> Any:
-    _, stages = load(folder)
-    students = [cfg for stage, cfg in stages if stage.stage == "student"]
-    if not students:
-        raise ValueError(f"{folder}: merge/quantize/inference stages need a student stage to size the model")
-    return students[-1].model
+def _config_of(stages: list[tuple[RecipeStage, Any]], kind: str) -> Any:
+    """The config of the recipe's last ``kind`` stage, or None."""
+    return next((cfg for stage, cfg in reversed(stages) if stage.stage == kind), None)
 
 
-def _recipe_folds(folder: str | Path) -> int:
-    return load(folder)[0].folds
+def _student(folder: str | Path, stages: list[tuple[RecipeStage, Any]]) -> Any:
+    student = _config_of(stages, "student")
+    if student is None:
+        raise ValueError(f"{folder}: a recipe needs a student stage (merge, quantize and inference are sized by it)")
+    return student
 
 
-def _quantized_bits(folder: str | Path) -> int:
-    _, stages = load(folder)
-    return next((cfg.bits for stage, cfg in stages if stage.stage == "quantize"), 16)
-
-
-def _command(folder: str | Path, recipe: RecipeConfig, stage: RecipeStage) -> str:
+def _command(folder: str | Path, recipe: RecipeConfig, stage: RecipeStage, student: str) -> str:
     config = f"{folder}/{stage.config}" if stage.config else ""
     launch = (f"accelerate launch --config_file {stage.accelerate_config} -m lmsys_lib"
               if stage.processes > 1 and stage.stage in ("teacher", "student") else "lmsys")
@@ -323,18 +320,13 @@ def _command(folder: str | Path, recipe: RecipeConfig, stage: RecipeStage) -> st
                    + (f" --share {recipe.share:g}" if recipe.share < 1 else "") + (f" --extra{extra}" if extra else ""),
         "teacher": f"{launch} teacher --run-dir RUN --config {config}",
         "student": f"{launch} distill --run-dir RUN --config {config}",
-        "merge": "lmsys merge --run-dir RUN --name " + _student_name(folder),
+        "merge": f"lmsys merge --run-dir RUN --name {student}",
         "quantize": f"lmsys quantize --run-dir RUN --config {config}",
         "holdout": f"lmsys predict --run-dir RUN --config {config} --priors-from RUN/data/train.csv && lmsys evaluate "
                    "--run-dir RUN --pred RUN/predict/holdout_submission.csv",
         "inference": "lmsys kaggle build --run-dir RUN && lmsys kaggle push (notebook 05 runs with "
                      f"--config {config}; see README, Kaggle)",
     }[stage.stage]
-
-
-def _student_name(folder: str | Path) -> str:
-    _, stages = load(folder)
-    return next((cfg.name for stage, cfg in stages if stage.stage == "student"), "student")
 
 
 def render(result: dict[str, Any]) -> str:

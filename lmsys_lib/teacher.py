@@ -73,12 +73,12 @@ def stage_identity(cfg: Any) -> dict[str, Any]:
     return identity
 
 
-def split_identity(run_dir: str | Path) -> str:
-    """sha256 of the run's (id, fold) pairs: models trained on another split of the data never mix with these."""
+def split_identity(ids: Sequence[Any], fold_of: np.ndarray) -> str:
+    """sha256 of the run's (id, fold) pairs (``load_split``): models trained on another split of the data never
+    mix with these."""
     import hashlib
 
-    frame, fold_of = load_split(run_dir)
-    pairs = sorted(f"{i}:{f}" for i, f in zip(frame["id"].astype(str), fold_of.tolist()))
+    pairs = sorted(f"{i}:{f}" for i, f in zip(map(str, ids), fold_of.tolist()))
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
 
 
@@ -127,8 +127,8 @@ def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     main = accelerator.is_main_process
     try:
-        identity = stage_identity(cfg) | {"split": split_identity(run_dir)}
-        changed = _claim(saved, identity, cfg, force, log if main else (lambda _: None), main)
+        identity = stage_identity(cfg) | {"split": split_identity(*_ids_folds(run_dir))}
+        changed = _claim(saved, identity, cfg, force, log if main else (lambda _: None))
         if main:
             if force:  # a changed config invalidates every fold and the post-pretraining, not just those run now
                 clear_stage(saved.parent, None if changed else (cfg.folds or None), log)
@@ -152,8 +152,12 @@ def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
         accelerator.end_training()
 
 
-def _claim(saved: Path, identity: dict[str, Any], cfg: Any, force: bool, log: Callable[[str], None],
-           main: bool) -> bool:
+def _ids_folds(run_dir: str | Path) -> tuple[list[Any], np.ndarray]:
+    frame, fold_of = load_split(run_dir)
+    return frame["id"].tolist(), fold_of
+
+
+def _claim(saved: Path, identity: dict[str, Any], cfg: Any, force: bool, log: Callable[[str], None]) -> bool:
     """Whether the saved config differs from ``identity``; raises when it does and something was trained under
     it (unless ``force``)."""
     if not saved.exists():
@@ -236,10 +240,11 @@ def train_folds(run_dir: str | Path, name: str, model_cfg: ModelConfig, train_cf
     root = Path(root) if root is not None else teacher_dir(run_dir, name)
     frame, fold_of = load_split(run_dir)
     k = int(fold_of.max()) + 1
+    split = split_identity(frame["id"].tolist(), fold_of)
     keep = dry_run_rows(frame["id"].tolist(), fraction)
     frame, fold_of = frame.loc[keep].reset_index(drop=True), fold_of[keep]
     data = train.pack_for_training(Packer(load_tokenizer(model_cfg.model_dir), pack_cfg), frame)
-    extra = {"pack": to_dict(pack_cfg), "split": split_identity(run_dir), "fraction": fraction}
+    extra = {"pack": to_dict(pack_cfg), "split": split, "fraction": fraction}
     for fold in (range(k) if folds is None else folds):
         if not 0 <= fold < k:
             raise ValueError(f"fold {fold} does not exist: the run has folds 0–{k - 1} (data/folds.parquet)")
