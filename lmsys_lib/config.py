@@ -147,9 +147,11 @@ class ModelConfig:
 
     ``lora_r = 0`` trains every weight (full fine-tuning, for tiny models); otherwise LoRA on
     ``target_modules`` with the classification head trained in full. ``quantization="nf4"`` loads the base
-    in 4-bit (bitsandbytes nf4, double quantisation) for QLoRA. ``dtype="auto"`` follows the device: bf16 on
-    sm >= 80, fp16 on older GPUs (T4 is sm75: no bf16), fp32 on CPU. ``attn_implementation="auto"`` is
-    eager when the checkpoint uses attention logit soft-capping (Gemma-2), which SDPA drops, else SDPA.
+    in 4-bit (bitsandbytes nf4, double quantisation) for QLoRA. ``dtype`` is the compute (autocast) dtype
+    and the frozen weights' storage; trainable tensors are always fp32 masters. ``"auto"`` follows the
+    device: bf16 on sm >= 80, fp16 + loss scaling on older GPUs (T4 is sm75: no bf16), fp32 on CPU.
+    ``attn_implementation="auto"``: for a checkpoint with attention logit soft-capping (Gemma-2), which SDPA
+    drops, flash-attention-2 on sm >= 80 with ``flash_attn`` installed, else eager; SDPA otherwise.
     """
 
     model_dir: str = ""
@@ -159,7 +161,7 @@ class ModelConfig:
     target_modules: tuple[str, ...] = LINEAR_PROJECTIONS
     quantization: str = "none"  # "none" or "nf4"
     dtype: str = "auto"  # "auto", "bf16", "fp16" or "fp32"
-    attn_implementation: str = "auto"  # "auto", "eager" or "sdpa"
+    attn_implementation: str = "auto"  # "auto", "eager", "sdpa" or "flash_attention_2"
     gradient_checkpointing: bool = False
     head_init: str = "scaled"  # a new score head: "scaled" (std 1/hidden_size, starts near uniform) or "model"
 
@@ -169,7 +171,8 @@ class ModelConfig:
         _check(0.0 <= self.lora_dropout < 1.0, "lora_dropout must be in [0, 1)")
         _check(self.quantization in ("none", "nf4"), "quantization must be 'none' or 'nf4'")
         _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype must be auto, bf16, fp16 or fp32")
-        _check(self.attn_implementation in ("auto", "eager", "sdpa"), "attn_implementation: auto, eager or sdpa")
+        _check(self.attn_implementation in ("auto", "eager", "sdpa", "flash_attention_2"),
+               "attn_implementation: auto, eager, sdpa or flash_attention_2")
         _check(not (self.quantization == "nf4" and self.lora_r == 0), "nf4 (QLoRA) needs lora_r > 0")
 
 

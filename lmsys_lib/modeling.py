@@ -7,9 +7,16 @@ Contract:
   the text be taken for padding); batches are right-padded, so real tokens keep positions 0..n-1.
 - With ``lora_r > 0`` only the LoRA matrices and the score head train; every base weight stays
   bit-identical. With ``quantization="nf4"`` the base is loaded in 4-bit (QLoRA).
-- The dtype follows ``dtype_for``: bf16 on sm >= 80, fp16 on older GPUs (T4, sm75, has no bf16), fp32 on
-  CPU. Gemma-2 soft-caps attention logits, which SDPA ignores: ``attn_implementation="auto"`` picks eager
-  whenever the checkpoint's config sets ``attn_logit_softcapping``.
+- Mixed precision: the compute dtype follows ``dtype_for`` — bf16 on sm >= 80, fp16 on older GPUs (T4,
+  sm75, has no bf16), fp32 on CPU. Frozen base weights are stored in it (or in 4-bit); every trainable
+  tensor (LoRA A/B, the score head and any other ``modules_to_save``, all weights under full fine-tuning) is
+  an fp32 master copy, and forwards run under ``autocast(device, dtype)``. (A bf16 master drops every
+  update below half a bf16 ulp: at lr 1e-5 most of a 0.02-sized head never moves; fp16 masters without
+  loss scaling underflow in AdamW's second moment.) fp16 needs a ``GradScaler``, which ``train`` keeps.
+- Attention (``attention_for``): Gemma-2 soft-caps attention logits, which SDPA ignores — flash-attention-2
+  (which applies the cap) where it is installed on sm >= 80, else eager; SDPA for families without a cap.
+- Loading goes straight onto the given device (``device_map={"": device}``): a process never holds a
+  host copy of the weights on its way to its GPU.
 - CPU dtype policy (``cpu_dtype``): a CPU without native bf16 instructions (AVX2-only x86: Intel before
   Cooper Lake / Sapphire Rapids, AMD before Zen 4) runs bf16 and fp16 matmuls through slow fallback
   kernels — measured 1.2 GFLOP/s against 179 in fp32 on a 2-core AMD EPYC (AVX2) — so every stage that
@@ -37,6 +44,7 @@ from .config import ModelConfig
 NUM_LABELS = 3
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
 TINY_FAMILIES = ("gemma2", "gemma3_text", "llama", "qwen2")
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>|<unused(\d+)>")  # Llama-3, Gemma
 
 
 CPU_DTYPE_ENV = "LMSYS_CPU_DTYPE"
@@ -144,15 +152,62 @@ def matmul_gflops(dtype: Any, size: int = 256, seconds: float = 0.02, rows: int 
     return 2.0 * rows * size * cols * calls / (time.perf_counter() - start) / 1e9
 
 
-def attention_for(model_config: Any, requested: str = "auto") -> str:
-    """``eager`` when the checkpoint soft-caps attention logits (SDPA would silently drop the cap)."""
+def attention_for(model_config: Any, requested: str = "auto", device: Any = "cpu") -> str:
+    """The attention kernel for ``model_config`` on ``device``: SDPA unless the checkpoint soft-caps
+    attention logits (Gemma-2), which SDPA silently drops; then flash-attention-2 (it applies the cap; needs
+    sm >= 80 and the ``flash_attn`` package) or else eager (exact, O(length²) memory: a T4's case)."""
     if requested != "auto":
         return requested
-    return "eager" if getattr(model_config, "attn_logit_softcapping", None) else "sdpa"
+    if not getattr(model_config, "attn_logit_softcapping", None):
+        return "sdpa"
+    return "flash_attention_2" if flash_attention_usable(device) else "eager"
+
+
+def flash_attention_usable(device: Any) -> bool:
+    """Whether flash-attention-2 runs on ``device``: a CUDA GPU of sm >= 80 with ``flash_attn`` installed."""
+    import importlib.util
+
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def autocast(device: Any, dtype: Any) -> Any:
+    """The mixed-precision context for a forward on ``device``: autocast to ``dtype`` (bf16 / fp16), or
+    nothing for fp32."""
+    from contextlib import nullcontext
+
+    import torch
+
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def upcast_trainable(model: Any) -> list[str]:
+    """Make every trainable tensor an fp32 master copy (frozen weights keep their dtype); returns the names
+    of the tensors that were cast."""
+    import torch
+
+    cast = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast.append(name)
+    return cast
 
 
 def choose_pad_token(tokenizer: Any) -> tuple[str, bool]:
-    """(pad token, whether it must be added to the vocabulary). Never EOS, never BOS."""
+    """(pad token, whether it must be added to the vocabulary). Never EOS, never BOS.
+
+    The tokenizer's own pad; else a known pad-like token; else the lowest-numbered reserved special token
+    (Llama-3's ``<|reserved_special_token_N|>``, Gemma's ``<unusedN>``) — text never produces one, and
+    taking it keeps the vocabulary: a token added instead grows the embedding, which is then trained and
+    saved with every adapter (~4 GB at Llama-3-70B's 128k × 8,192).
+    """
     avoid = {tokenizer.eos_token_id, tokenizer.bos_token_id}
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in avoid:
         return tokenizer.pad_token, False
@@ -160,6 +215,10 @@ def choose_pad_token(tokenizer: Any) -> tuple[str, bool]:
     for candidate in PAD_CANDIDATES:
         if candidate in vocab and vocab[candidate] not in avoid:
             return candidate, False
+    reserved = sorted((int(m.group(1) or m.group(2)), token) for token in vocab
+                      if (m := RESERVED_TOKEN.fullmatch(token)))
+    if reserved:
+        return reserved[0][1], False
     return "<pad>", True
 
 
@@ -185,7 +244,8 @@ def load_classifier(cfg: ModelConfig, device: Any = "cpu", tokenizer: Any = None
         device: where the model goes ("cpu", "cuda:0", …); a 4-bit base is placed by bitsandbytes.
         tokenizer: reuse an already loaded tokenizer (else ``load_tokenizer(model_dir)``).
     Returns:
-        (model, tokenizer) — the model in train mode with only the intended parameters trainable.
+        (model, tokenizer) — the model in train mode with only the intended parameters trainable, those in
+        fp32; forwards go under ``autocast(device, dtype_for(device, cfg.dtype))``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -194,21 +254,24 @@ def load_classifier(cfg: ModelConfig, device: Any = "cpu", tokenizer: Any = None
         raise FileNotFoundError(f"model_dir {cfg.model_dir!r} holds no config.json (a HF checkpoint folder)")
     tokenizer = tokenizer or load_tokenizer(cfg.model_dir)
     base_config = AutoConfig.from_pretrained(cfg.model_dir)
-    dtype = dtype_for(device, cfg.dtype)
-    kwargs: dict[str, Any] = {"num_labels": NUM_LABELS, "dtype": dtype,
-                              "attn_implementation": attention_for(base_config, cfg.attn_implementation)}
+    device = torch.device(device)
+    compute = dtype_for(device, cfg.dtype)
+    kwargs: dict[str, Any] = {"num_labels": NUM_LABELS,
+                              # full fine-tuning trains every weight: all of them are fp32 masters
+                              "dtype": torch.float32 if cfg.lora_r == 0 else compute,
+                              "attn_implementation": attention_for(base_config, cfg.attn_implementation, device),
+                              # straight onto this process's device (index given: DDP's local rank)
+                              "device_map": {"": device.index or 0} if device.type == "cuda" else {"": str(device)}}
     if cfg.quantization == "nf4":
-        kwargs["quantization_config"] = nf4_config(dtype)
-        kwargs["device_map"] = {"": torch.device(device).index or 0} if torch.device(device).type == "cuda" \
-            else {"": "cpu"}
+        kwargs["quantization_config"] = nf4_config(compute)
     model, info = AutoModelForSequenceClassification.from_pretrained(cfg.model_dir, output_loading_info=True,
                                                                      **kwargs)
     set_pad(model, tokenizer)
     if cfg.head_init == "scaled" and any(k.split(".")[0] == "score" for k in info["missing_keys"]):
         init_head(model)
-    if cfg.quantization != "nf4":
-        model.to(device)
-    return attach_adapters(model, cfg), tokenizer
+    model = attach_adapters(model, cfg)
+    upcast_trainable(model)
+    return model, tokenizer
 
 
 def init_head(model: Any) -> None:
@@ -246,22 +309,28 @@ def nf4_config(compute_dtype: Any) -> Any:
                               bnb_4bit_quant_storage=compute_dtype)  # lets FSDP shard the packed weights
 
 
+GRADIENT_CHECKPOINTING = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no hooks needed
+
+
 def attach_adapters(model: Any, cfg: ModelConfig) -> Any:
-    """LoRA on ``cfg.target_modules`` + a fully trained score head; or everything trainable (r = 0)."""
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """LoRA on ``cfg.target_modules`` + a fully trained score head; or everything trainable (r = 0).
+    Gradient checkpointing, when asked, is enabled once, non-reentrant (for QLoRA through
+    ``prepare_model_for_kbit_training``, which would otherwise re-enable it reentrant)."""
+    if cfg.quantization == "nf4":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
     if cfg.lora_r == 0:
         model.train()
         return model
-    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, TaskType, get_peft_model
 
-    if cfg.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules))
     model = get_peft_model(model, lora)  # SEQ_CLS: the score head is in modules_to_save, trained in full
-    if cfg.gradient_checkpointing:
-        model.enable_input_require_grads()
     model.train()
     return model
 
@@ -312,9 +381,12 @@ def save_tiny_checkpoint(family: str, tokenizer: Any, out_dir: str | Path, seed:
 
 
 def logits_of_batches(model: Any, ids: list[Any], batches: list[list[int]], pad_id: int,
-                      device: Any = "cpu") -> list[tuple[list[int], Any]]:
-    """Run ``model`` (eval mode, no grad) on the given row batches; returns (rows, fp32 logits) per batch.
-    The model's train/eval mode is restored afterwards."""
+                      device: Any = "cpu", dtype: Any = None) -> list[tuple[list[int], Any]]:
+    """Run ``model`` (eval mode, no grad; under ``autocast(device, dtype)`` when a compute dtype is given)
+    on the given row batches; returns (rows, fp32 logits) per batch. The model's train/eval mode is restored
+    afterwards."""
+    from contextlib import nullcontext
+
     import torch
 
     from .batching import collate
@@ -322,7 +394,7 @@ def logits_of_batches(model: Any, ids: list[Any], batches: list[list[int]], pad_
     was_training = model.training
     model.eval()
     results = []
-    with torch.no_grad():
+    with torch.no_grad(), (autocast(device, dtype) if dtype is not None else nullcontext()):
         for rows in batches:
             batch = collate([ids[r] for r in rows], pad_id)
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))

@@ -15,7 +15,11 @@ Invariants (each tested, fuzzed):
 - every kept round shows its prompt header, A header and B header, each part with at least one id of
   its content (or the cut marker) when that part is non-empty;
 - deterministic: the same conversation, tokenizer and config give the same ids;
-- swapping A and B swaps the two response spans and changes nothing else (budgets are symmetric).
+- swapping A and B swaps the two response spans and changes nothing else (budgets are symmetric);
+- user text never becomes a control token: ``<eos>``, ``<pad>``, ``<|eot_id|>`` written in a prompt or a
+  response are tokenised as the characters they are (only ``prefix``/``suffix`` hold special ids);
+- a chat template that stamps a date (Llama-3.1+ writes "Today Date: …") gets ``TEMPLATE_DATE``, so the
+  packed ids do not change from one day to the next.
 
 The content budget of a round is split between prompt / A / B by ``fractions``; a part shorter than its
 share gives the rest to the others (water-filling, in integer arithmetic). A round that does not fit whole
@@ -27,6 +31,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -40,6 +45,7 @@ from .parsing import repair_surrogates, swap_labels
 
 Ids = list[int]
 _SENTINEL = "LMSYSBODYSENTINEL"
+TEMPLATE_DATE = "26 Jul 2024"  # Llama-3.1's own fallback; any fixed date keeps the ids stable
 _WEIGHT_SCALE = 1_000_000  # fractions → integer weights, so A and B shares are exactly equal
 
 
@@ -252,28 +258,58 @@ _PROBES = ("Hello, world!", "  leading and trailing  ", "为什么天空是蓝�
 
 
 def batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[Ids]]:
-    """A function texts → ids (no special tokens) for ``tokenizer``.
+    """A function texts → ids for ``tokenizer``: no special tokens added, and none *read* — user text that
+    spells a control token (``<eos>``, ``<pad>``, ``<start_of_turn>``, ``<|eot_id|>``) is tokenised as plain
+    text (``split_special_tokens``), so a conversation can never end a turn, fake padding or open a role.
 
-    For a fast tokenizer it calls the Rust backend's ``encode_batch_fast`` directly (no offsets, no
-    per-row Python conversion: ~1.9× faster here), but only after checking on probe texts that it gives
-    exactly the ids of ``tokenizer(texts, add_special_tokens=False)``; otherwise it uses that call.
+    For a fast tokenizer it calls a copy of the Rust backend with ``encode_special_tokens`` set through its
+    ``encode_batch_fast`` (no offsets, no per-row Python conversion: ~1.9× faster here), but only after
+    checking on probe texts that it gives exactly the ids of ``tokenizer(texts, add_special_tokens=False,
+    split_special_tokens=True)``; otherwise it uses that call. Either way the result is checked to map the
+    tokenizer's own special-token strings to no special id (else ``ValueError``).
     """
     def wrapper(texts: list[str]) -> list[Ids]:
-        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        out = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [list(ids) for ids in out]
 
+    encoder = wrapper
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
-    if fast is None:
-        return wrapper
+    if getattr(backend, "encode_batch_fast", None) is not None or getattr(backend, "encode_batch", None) is not None:
+        backend = copy.deepcopy(backend)  # the tokenizer's own backend keeps reading control tokens
+        backend.encode_special_tokens = True
+        fast = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
 
-    def direct(texts: list[str]) -> list[Ids]:
-        return [enc.ids for enc in fast(texts, add_special_tokens=False)]
+        def direct(texts: list[str]) -> list[Ids]:
+            return [enc.ids for enc in fast(texts, add_special_tokens=False)]
 
-    try:
-        same = direct(list(_PROBES)) == wrapper(list(_PROBES))
-    except Exception:  # any backend quirk: fall back to the documented call
-        same = False
-    return direct if same else wrapper
+        try:
+            if direct(list(_PROBES)) == wrapper(list(_PROBES)):
+                encoder = direct
+        except Exception:  # any backend quirk: fall back to the documented call
+            pass
+    _check_no_control_tokens(tokenizer, encoder)
+    return encoder
+
+
+def control_tokens(tokenizer: Any) -> dict[str, int]:
+    """Every special token of ``tokenizer`` (text → id): the named ones (bos, eos, pad, …) and every added
+    token marked special (ChatML's ``<|im_start|>``, Gemma's ``<start_of_turn>``, Llama-3's reserved ones)."""
+    found = dict(zip(getattr(tokenizer, "all_special_tokens", []), getattr(tokenizer, "all_special_ids", [])))
+    for idx, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            found[str(token)] = int(idx)
+    return {text: idx for text, idx in found.items() if text}
+
+
+def _check_no_control_tokens(tokenizer: Any, encoder: Callable[[list[str]], list[Ids]]) -> None:
+    """Refuse an encoder that maps the text of a special token to that token."""
+    controls = control_tokens(tokenizer)
+    special_ids = set(controls.values())
+    leaked = sorted({t for t, ids in zip(controls, encoder([f"x {t} y" for t in controls]))
+                     if special_ids & set(ids)})
+    if leaked:
+        raise ValueError(f"this tokenizer reads control tokens inside user text ({leaked[:5]}) even with "
+                         "split_special_tokens: use a fast tokenizer (tokenizer.json) for this model")
 
 
 def water_fill(needs: Sequence[int], weights: Sequence[int], budget: int) -> list[int]:
@@ -315,7 +351,7 @@ def frame_ids(tokenizer: Any, use_chat_template: bool = False) -> tuple[Ids, Ids
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("use_chat_template=True but the tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True, date_string=TEMPLATE_DATE)
         before, _, after = text.partition(_SENTINEL)
         enc = tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
         dec = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []

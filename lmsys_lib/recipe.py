@@ -148,6 +148,17 @@ def model_counts(model_dir: str, lora_r: int, target_modules: tuple[str, ...]) -
 # -- memory ------------------------------------------------------------------------------------------
 
 
+def attention_of(requested: str, softcap: bool, hardware: str) -> str:
+    """The kernel ``modeling.attention_for`` picks on ``hardware``'s GPUs: a soft-capped family (Gemma-2) gets
+    flash-attention-2 on sm >= 80 (assuming ``flash_attn`` is installed there; else eager, as on a T4), every
+    other family SDPA."""
+    if requested != "auto":
+        return requested
+    if not softcap:
+        return "sdpa"
+    return "eager" if notebook.HARDWARE[hardware].gpu == "T4" else "flash_attention_2"
+
+
 def training_memory(counts: dict[str, Any], cfg: Any, stage: RecipeStage) -> dict[str, float]:
     """GiB per GPU for training under the stage's engine (see the module docstring for the formula)."""
     nf4 = cfg.model.quantization == "nf4"
@@ -159,7 +170,7 @@ def training_memory(counts: dict[str, Any], cfg: Any, stage: RecipeStage) -> dic
     if stage.engine == "fsdp":
         weights, trainable = weights / stage.processes, trainable / stage.processes
     b, s, h, layers = cfg.train.batch_size, cfg.pack.max_length, counts["hidden"], counts["layers"]
-    eager = cfg.model.attn_implementation == "eager" or (cfg.model.attn_implementation == "auto" and counts["softcap"])
+    eager = attention_of(cfg.model.attn_implementation, bool(counts["softcap"]), stage.hardware) == "eager"
     working = 34 * b * s * h + (5 * counts["heads"] * b * s * s if eager else 0)
     activations = (layers * 2 * b * s * h + working) if cfg.model.gradient_checkpointing else layers * working
     total = weights + trainable + activations + notebook.OVERHEAD_GIB * GIB
@@ -251,11 +262,21 @@ def _training_plan(entry: dict[str, Any], cfg: Any, stage: RecipeStage, recipe: 
                        f"{memory['weights']:.1f} + trainable×16 B {memory['trainable']:.1f} + activations "
                        f"{memory['activations']:.1f} at {cfg.train.batch_size}×{cfg.pack.max_length} tokens"
                        + (", eager attention" if memory["eager"] else "")
+                       + (", flash-attention-2 (without flash_attn installed: eager, "
+                          f"{training_memory(counts, _with_attention(cfg, 'eager'), stage)['total']:.1f} GiB)"
+                          if attention_of(cfg.model.attn_implementation, bool(counts["softcap"]), stage.hardware)
+                          == "flash_attention_2" else "")
                        + (", checkpointed" if cfg.model.gradient_checkpointing else "") + " + 1.5)")
     micro = cfg.train.global_batch or cfg.train.batch_size * cfg.train.grad_accum * stage.processes
     detail.append(f"global batch {micro} rows = {stage.processes} process(es) × {cfg.train.batch_size} rows × "
                   f"{micro // (cfg.train.batch_size * stage.processes)} micro-batches; lr {cfg.train.lr:g}")
     entry["detail"] = detail
+
+
+def _with_attention(cfg: Any, attn: str) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=attn))
 
 
 def _evaluations(cfg: Any, train_rows: int, k: int, processes: int) -> int:

@@ -121,8 +121,10 @@ def run_fold_stage(run_dir: str | Path, cfg: Any, saved: Path, stage: str,
     from accelerate.utils import InitProcessGroupKwargs
 
     from .config import save_stage
+    from .train import refuse_fsdp
     from .zoo import resolve_model_dir
 
+    refuse_fsdp()  # before the process group forms (accelerate's FSDP plugin needs a GPU to even start)
     # rank 0 alone fetches a hub model and merges a post-pretrained base (a 70B: far over the default timeout)
     accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     main = accelerator.is_main_process

@@ -5,10 +5,14 @@ Contract:
 - The micro-batch stream is a pure function of (lengths, TrainConfig): step ``s`` always sees the same
   rows, in the same A/B orientation, whichever process count or restart produced it.
 - A step's loss is Σ rows' loss / rows in the step (all processes), so accumulation equals one big batch.
+- Mixed precision (``modeling``): fp32 master weights for everything trainable, forwards under bf16 /
+  fp16 autocast; fp16 scales the loss with a dynamic ``GradScaler`` (a step whose gradients overflow is
+  skipped and the scale halved; ``metrics.json`` counts the skipped steps). The loss is computed in fp32.
 - Every ``checkpoint_every`` steps a checkpoint is written atomically (temporary folder, then rename):
-  trainable weights, AdamW state, RNG state and progress, as safetensors + JSON (nothing is pickled). A run
-  killed at any point and restarted with the same ``out_dir`` continues from its last checkpoint and ends
-  with the same adapter, bit for bit, as an uninterrupted run.
+  trainable weights, AdamW state, the loss scaler, RNG states (CPU and the process's accelerator) and
+  progress, as safetensors + JSON (nothing is pickled). A run killed at any point and restarted with the
+  same ``out_dir`` continues from its last checkpoint and ends with the same adapter, bit for bit, as an
+  uninterrupted run.
 - ``out_dir/adapter/`` holds the adapter with the best held-out log loss; ``out_dir/eval_logits.parquet``
   its held-out logits (the fold's out-of-fold logits); ``out_dir/metrics.json`` the history.
 - Multi-process runs go through ``accelerate launch`` (DDP / FSDP); rank and world size come from the
@@ -140,9 +144,10 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
     import torch
     from accelerate import Accelerator
 
-    from .modeling import load_classifier
+    from .modeling import dtype_for, load_classifier
 
     accelerator = accelerator or Accelerator()
+    refuse_fsdp(accelerator)
     out_dir = Path(out_dir)
     _guard_configs(out_dir, model_cfg, train_cfg, accelerator, extra_identity or {})
     torch.manual_seed(train_cfg.seed)  # the head's initialisation and LoRA's
@@ -154,10 +159,11 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
     model, tokenizer = load_classifier(model_cfg, accelerator.device)
     optimizer = _optimizer(model, train_cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = _resume(out_dir, accelerator, model, optimizer) or {"step": 0, "best_loss": None, "best_step": None,
-                                                                   "history": []}
+    precision = Precision.for_device(accelerator.device, dtype_for(accelerator.device, model_cfg.dtype))
+    state = _resume(out_dir, accelerator, model, optimizer, precision.scaler) or {
+        "step": 0, "best_loss": None, "best_step": None, "history": [], "skipped_steps": 0}
     ctx = _Loop(accelerator, model, optimizer, tokenizer.pad_token_id, train_cfg, stream,
-                loss_fn or _ce_loss, out_dir, log, score_train)
+                loss_fn or _ce_loss, out_dir, log, score_train, precision)
     try:
         return ctx.run(state, train_data, eval_data, progress)
     finally:
@@ -167,8 +173,60 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
         accelerator.free_memory()
 
 
+def refuse_fsdp(accelerator: Any = None) -> None:
+    """This loop saves from rank 0, checksums ranks against each other and evaluates unevenly split batches:
+    right under DDP, a deadlock or a wrong save under FSDP — so FSDP is refused before anything loads: when
+    ``accelerate launch`` asked for it (``$ACCELERATE_USE_FSDP``) or the accelerator runs it."""
+    from accelerate.utils import DistributedType
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+    if asked or (accelerator is not None and accelerator.distributed_type == DistributedType.FSDP):
+        raise NotImplementedError("FSDP is not supported by lmsys_lib's training loop yet: use DDP (one model copy "
+                                  "per GPU) — configs/accelerate/8xA100-ddp-qlora.yaml for 4-bit QLoRA teachers, "
+                                  "8xA100-ddp.yaml for a 16-bit LoRA student")
+
+
 def _ce_loss(logits: Any, labels: Any, rows: np.ndarray, swapped: np.ndarray) -> Any:
     return losses.cross_entropy_sum(logits, labels)
+
+
+@dataclasses.dataclass
+class Precision:
+    """How a run computes: the autocast dtype on its device, and the fp16 loss scaler (else None)."""
+
+    device: Any
+    compute: Any
+    scaler: Any = None
+
+    @classmethod
+    def for_device(cls, device: Any, compute: Any) -> Precision:
+        import torch
+
+        device = torch.device(device)
+        scaler = torch.amp.GradScaler(device.type) if compute == torch.float16 else None
+        return cls(device, compute, scaler)
+
+    def autocast(self) -> Any:
+        from .modeling import autocast
+
+        return autocast(self.device, self.compute)
+
+    def scale(self, loss: Any) -> Any:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def step(self, optimizer: Any) -> bool:
+        """``optimizer.step()`` through the scaler; returns whether the step was skipped (fp16 overflow)."""
+        if self.scaler is None:
+            optimizer.step()
+            return False
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() < scale
+
+    @property
+    def name(self) -> str:
+        return str(self.compute).rsplit(".", 1)[-1]
 
 
 def _optimizer(model: Any, cfg: TrainConfig) -> Any:
@@ -186,10 +244,11 @@ def _optimizer(model: Any, cfg: TrainConfig) -> Any:
 class _Loop:
     """The training loop's state and steps (kept small: each method is one concern)."""
 
-    def __init__(self, accelerator, model, optimizer, pad_id, cfg, stream, loss_fn, out_dir, log, score_train):
+    def __init__(self, accelerator, model, optimizer, pad_id, cfg, stream, loss_fn, out_dir, log, score_train,
+                 precision):
         self.acc, self.model, self.opt, self.pad_id = accelerator, model, optimizer, pad_id
         self.cfg, self.stream, self.loss_fn, self.out_dir, self.log = cfg, stream, loss_fn, out_dir, log
-        self.score_train = score_train
+        self.score_train, self.precision = score_train, precision
         self.warmup = int(cfg.warmup_ratio * stream.total_steps)
 
     def run(self, state: dict[str, Any], train: TrainData, held_out: TrainData, progress: bool) -> dict[str, Any]:
@@ -200,9 +259,10 @@ class _Loop:
                    disable=not (progress and self.acc.is_main_process))
         start, seen = time.perf_counter(), 0
         for step in range(state["step"], total):
-            loss, rows = self._step(step, train)
+            loss, rows, skipped = self._step(step, train)
             seen += rows
             state["step"] = step + 1
+            state["skipped_steps"] = state.get("skipped_steps", 0) + int(skipped)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             due = self.cfg.eval_every and state["step"] % self.cfg.eval_every == 0
@@ -229,7 +289,8 @@ class _Loop:
             with torch.no_grad():
                 for name, value in load_file(self.out_dir / BEST_WEIGHTS).items():
                     params[name].copy_(value.to(params[name].device))
-        logits = predict_logits(self.acc, self.model, train.ids, self.pad_id, self.cfg.eval_batch_size)
+        logits = predict_logits(self.acc, self.model, train.ids, self.pad_id, self.cfg.eval_batch_size,
+                                self.precision.compute)
         if self.acc.is_main_process:
             pd.DataFrame({"id": train.row_ids, "logit_a": logits[:, 0], "logit_b": logits[:, 1],
                           "logit_tie": logits[:, 2]}).to_parquet(self.out_dir / "train_logits.parquet")
@@ -237,8 +298,9 @@ class _Loop:
                  f"{self.out_dir / 'train_logits.parquet'}")
         self.acc.wait_for_everyone()
 
-    def _step(self, step: int, train: TrainData) -> tuple[float, int]:
-        """One optimiser step; returns (mean train loss of this process's rows, rows this process saw)."""
+    def _step(self, step: int, train: TrainData) -> tuple[float, int, bool]:
+        """One optimiser step; returns (mean train loss of this process's rows, rows this process saw,
+        whether the fp16 scaler skipped the step)."""
         micro_all = self.stream.step(step)
         rows_in_step = sum(len(rows) for rows, _ in micro_all)
         mine = micro_all[self.acc.process_index:: self.acc.num_processes]
@@ -250,16 +312,20 @@ class _Loop:
             batch = self._batch(train, rows, swapped)
             sync = nullcontext() if j == len(mine) - 1 else self.acc.no_sync(self.model)
             with sync:
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                row_sum = self.loss_fn(logits, batch["labels"], np.asarray(rows), swapped)
-                self.acc.backward(losses.step_loss(row_sum, rows_in_step, self.acc.num_processes))
+                with self.precision.autocast():
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                row_sum = self.loss_fn(logits.float(), batch["labels"], np.asarray(rows), swapped)  # fp32 loss
+                loss = losses.step_loss(row_sum, rows_in_step, self.acc.num_processes)
+                self.acc.backward(self.precision.scale(loss))
             total_loss += float(row_sum.detach())
             total_rows += len(rows)
+        if self.precision.scaler is not None:
+            self.precision.scaler.unscale_(self.opt)  # clip the true gradients
         if self.cfg.max_grad_norm > 0:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.opt.step()
+        skipped = self.precision.step(self.opt)
         self.opt.zero_grad(set_to_none=True)
-        return total_loss / max(1, total_rows), total_rows
+        return total_loss / max(1, total_rows), total_rows, skipped
 
     def _batch(self, data: TrainData, rows: list[int], swapped: np.ndarray) -> dict[str, Any]:
         from .parsing import swap_labels
@@ -270,7 +336,8 @@ class _Loop:
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     def _evaluate(self, state: dict[str, Any], held_out: TrainData, train_loss: float) -> None:
-        logits = predict_logits(self.acc, self.model, held_out.ids, self.pad_id, self.cfg.eval_batch_size)
+        logits = predict_logits(self.acc, self.model, held_out.ids, self.pad_id, self.cfg.eval_batch_size,
+                                self.precision.compute)
         loss = log_loss(held_out.labels, softmax(logits))
         state["history"].append({"step": state["step"], "train_loss": train_loss, "eval_log_loss": loss})
         self.log(f"step {state['step']}/{self.stream.total_steps}: train loss {train_loss:.4f}, "
@@ -286,7 +353,7 @@ class _Loop:
         self.acc.wait_for_everyone()
 
     def _checkpoint(self, state: dict[str, Any]) -> None:
-        write_checkpoint(self.out_dir, state, self.acc, self.model, self.opt)
+        write_checkpoint(self.out_dir, state, self.acc, self.model, self.opt, self.precision.scaler)
 
     def _finish(self, state: dict[str, Any], rows_per_s: float) -> dict[str, Any]:
         checksums = rank_checksums(self.acc, self.model)
@@ -294,7 +361,9 @@ class _Loop:
             raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
         metrics = {"best_eval_log_loss": state["best_loss"], "best_step": state["best_step"],
                    "steps": state["step"], "history": state["history"], "rows_per_s_last_session": rows_per_s,
-                   "processes": self.acc.num_processes, "rank_checksums": checksums}
+                   "processes": self.acc.num_processes, "rank_checksums": checksums,
+                   "compute_dtype": self.precision.name, "skipped_steps": state.get("skipped_steps", 0),
+                   "loss_scale": self.precision.scaler.get_scale() if self.precision.scaler is not None else None}
         if self.acc.is_main_process:
             (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         self.acc.wait_for_everyone()
@@ -315,13 +384,14 @@ def rank_checksums(accelerator: Any, model: Any) -> list[float]:
 
 
 def predict_logits(accelerator: Any, model: Any, ids: list[np.ndarray], pad_id: int,
-                   batch_size: int) -> np.ndarray:
-    """(n, 3) fp32 logits in input order; batches length-sorted and shared between processes."""
+                   batch_size: int, dtype: Any = None) -> np.ndarray:
+    """(n, 3) fp32 logits in input order (forwards under autocast to ``dtype`` when given); batches
+    length-sorted and shared between processes."""
     from .modeling import logits_of_batches
 
     batches = batching.sorted_batches([len(x) for x in ids], batch_size)
     results = logits_of_batches(model, ids, batches[accelerator.process_index:: accelerator.num_processes],
-                                pad_id, accelerator.device)
+                                pad_id, accelerator.device, dtype)
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -381,9 +451,9 @@ def _guard_configs(out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig
 
 
 def write_checkpoint(out_dir: Path, state: dict[str, Any], accelerator: Any, model: Any, optimizer: Any,
-                     keep: int = 2) -> Path:
-    """Atomically write checkpoints/step-NNNNNN (weights, AdamW state, RNG, progress); keep the last ``keep``."""
-    import torch
+                     scaler: Any = None, keep: int = 2) -> Path:
+    """Atomically write checkpoints/step-NNNNNN (weights, AdamW state, loss scaler, RNG, progress); keep
+    the last ``keep``."""
     from safetensors.torch import save_file
 
     root = out_dir / "checkpoints"
@@ -394,13 +464,14 @@ def write_checkpoint(out_dir: Path, state: dict[str, Any], accelerator: Any, mod
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_file({"rng": torch.get_rng_state()}, tmp / f"rng-rank{rank}.safetensors")
+    save_file(rng_states(accelerator.device), tmp / f"rng-rank{rank}.safetensors")
     if accelerator.is_main_process:
         _save_trainable(accelerator.unwrap_model(model), tmp / "trainable.safetensors")
         tensors, meta = _optimizer_to_tensors(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
-        (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+        saved = state | {"scaler": scaler.state_dict() if scaler is not None else None}
+        (tmp / "state.json").write_text(json.dumps(saved), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(tmp, final)
@@ -416,7 +487,32 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any) -> dict[str, Any] | None:
+def rng_states(device: Any) -> dict[str, Any]:
+    """The random generators a process draws from: the CPU's, and its accelerator's (CUDA) when it has one."""
+    import torch
+
+    states = {"rng": torch.get_rng_state()}
+    device = torch.device(device)
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng(states: dict[str, Any], device: Any) -> None:
+    """Undo ``rng_states``: the CPU generator, and the CUDA one when saved and this process has a GPU."""
+    import torch
+
+    torch.set_rng_state(states["rng"])
+    device = torch.device(device)
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+    elif device.type == "cuda":
+        print("the checkpoint holds no CUDA RNG state (written on a CPU): dropout on this GPU continues from "
+              "its seeded generator")
+
+
+def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any,
+            scaler: Any = None) -> dict[str, Any] | None:
     import torch
     from safetensors.torch import load_file
 
@@ -435,11 +531,14 @@ def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any) -> dict
     optimizer.load_state_dict(_optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta))
     rng_file = path / f"rng-rank{accelerator.process_index}.safetensors"
     if rng_file.exists():
-        torch.set_rng_state(load_file(rng_file)["rng"])
+        restore_rng(load_file(rng_file), accelerator.device)
     else:  # resumed on more processes than wrote the checkpoint: this rank keeps its seeded generator
         print(f"{path} has no RNG state for process {accelerator.process_index}: dropout continues from a fresh "
               "seed there (the weights and the data order are unaffected; bit-exact resume needs the same count)")
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    scaler_state = state.pop("scaler", None)
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
     if accelerator.is_main_process:
         print(f"resumed from {path} (step {state['step']})")
     return state

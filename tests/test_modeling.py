@@ -153,3 +153,24 @@ def test_new_head_starts_near_uniform_and_a_loaded_head_is_kept(tmp_path, tokeni
     reloaded, _ = modeling.load_classifier(ModelConfig(model_dir=str(tmp_path / "with-head"), lora_r=0))
     assert torch.equal(reloaded.score.weight, scaled.score.weight)
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "with-head").config.num_labels == 3
+
+
+def test_a_tokenizer_without_pad_gets_a_reserved_token_and_no_new_row(synth_frame, tmp_path):
+    """Llama-3 ships no pad: the lowest reserved special token is taken, so the vocabulary (and the
+    embedding an adapter would otherwise have to carry) keeps its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmsys_lib import zoo
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_2|>",
+                "<|reserved_special_token_0|>", "<|eot_id|>"]
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.train_from_iterator(zoo.conversation_texts(synth_frame[:50]), trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    assert modeling.choose_pad_token(tok) == ("<|reserved_special_token_0|>", False)
+    tok.save_pretrained(tmp_path)
+    loaded = modeling.load_tokenizer(tmp_path)
+    assert loaded.pad_token == "<|reserved_special_token_0|>" and len(loaded) == len(tok)

@@ -204,6 +204,18 @@ def test_training_memory_follows_the_engine():
     assert 30 < ddp["weights"] < 45 and ddp["total"] < 80  # nf4: ~0.55 B per linear weight
 
 
+def test_training_memory_follows_the_attention_kernel_of_the_hardware():
+    """Gemma-2 soft-caps attention: flash-attention-2 on an A100 (no length² term), eager on a T4."""
+    cfg = next(c for st, c in recipe.load(ROOT / "configs" / "recipe" / "winner")[1] if st.stage == "student")
+    counts = recipe.model_counts(cfg.model.model_dir, cfg.model.lora_r, tuple(cfg.model.target_modules))
+    assert counts["softcap"]
+    a100 = recipe.training_memory(counts, cfg, recipe.RecipeStage("student", hardware="8xa100-80g", processes=8))
+    t4 = recipe.training_memory(counts, cfg, recipe.RecipeStage("student", hardware="kaggle-2xt4", processes=2))
+    assert not a100["eager"] and t4["eager"] and t4["activations"] > a100["activations"]
+    assert recipe.attention_of("auto", False, "kaggle-2xt4") == "sdpa"
+    assert recipe.attention_of("eager", True, "8xa100-80g") == "eager"
+
+
 # -- names of models, portable identity, CLI settings ------------------------------------------------------
 
 

@@ -1,0 +1,182 @@
+"""Mixed precision: fp32 master weights under bf16 / fp16 autocast, fp16 loss scaling, resume with the scaler;
+gradient checkpointing enabled once, non-reentrant; RNG states in checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmsys_lib import modeling, train
+from lmsys_lib.config import ModelConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, tokenizer):
+    return modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer),
+                                         tmp_path_factory.mktemp("prec") / "tiny-llama")
+
+
+def _data(n: int, seed: int, vocab: int = 1400) -> train.TrainData:
+    """Random rows whose label is told by their first token (learnable, and fast on a CPU)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=n)
+    ids = [np.concatenate([[10 + int(y)], rng.integers(20, vocab, size=int(rng.integers(12, 30)))]) for y in labels]
+    return train.TrainData(np.arange(n), ids, [x[::-1].copy() for x in ids], labels.astype(np.int64))
+
+
+def _model_cfg(path, dtype: str, **kw) -> ModelConfig:
+    return ModelConfig(model_dir=str(path), lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype=dtype,
+                       head_init="model", **kw)
+
+
+def _head(weights: dict) -> torch.Tensor:
+    (key,) = [k for k in weights if ".score." in k and k.endswith(".weight")]  # model or saved adapter
+    return weights[key].float()
+
+
+def test_bf16_base_keeps_fp32_masters_and_every_head_weight_moves_at_lr_1e5(tiny_llama, tmp_path):
+    """A bf16-stored head updated in place at lr 1e-5 keeps most of its weights (an update below half a bf16
+    ulp of a 0.02-sized weight rounds away); the fp32 master moves every one of them."""
+    cfg = _model_cfg(tiny_llama, "bf16")
+    torch.manual_seed(0)
+    model, _ = modeling.load_classifier(cfg)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    start = _head({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    tcfg = TrainConfig(max_steps=20, batch_size=8, grad_accum=1, lr=1e-5, warmup_ratio=0.0, min_lr_ratio=1.0,
+                       eval_every=0, checkpoint_every=0, swap_prob=0.0, seed=0)
+    metrics = train.fit(cfg, tcfg, _data(160, 1), _data(24, 2), tmp_path / "fold", progress=False)
+    end = _head(load_file(tmp_path / "fold" / "adapter" / "adapter_model.safetensors"))
+    assert metrics["compute_dtype"] == "bfloat16" and metrics["skipped_steps"] == 0
+    moved = (end != start).float().mean().item()
+    assert moved == 1.0, f"only {moved:.0%} of the head's weights moved"
+    # the same 20 steps of ~lr-sized updates in a bf16 master: one step's change is below half an ulp
+    half_ulp = start.abs() * 2.0 ** -8
+    assert (half_ulp > 1e-5).float().mean() > 0.5  # most weights would never move in bf16
+
+
+def test_fp16_autocast_with_loss_scaling_trains_50_steps_finite_and_counts_skips(tiny_llama, tmp_path):
+    cfg = _model_cfg(tiny_llama, "fp16")
+    tcfg = TrainConfig(max_steps=50, batch_size=8, grad_accum=1, lr=1e-3, eval_every=25, checkpoint_every=0,
+                       seed=0)
+    metrics = train.fit(cfg, tcfg, _data(400, 3), _data(48, 4), tmp_path / "fold", progress=False)
+    assert metrics["compute_dtype"] == "float16" and metrics["steps"] == 50
+    assert isinstance(metrics["skipped_steps"], int) and metrics["skipped_steps"] < 50
+    assert metrics["loss_scale"] is not None and metrics["loss_scale"] > 0
+    assert all(np.isfinite([h["train_loss"], h["eval_log_loss"]]).all() for h in metrics["history"])
+    weights = load_file(tmp_path / "fold" / "adapter" / "adapter_model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+def test_fp16_resume_restores_the_scaler_and_ends_bit_identical(tiny_llama, tmp_path):
+    cfg = _model_cfg(tiny_llama, "fp16")
+    tcfg = TrainConfig(max_steps=12, batch_size=8, grad_accum=1, lr=1e-3, eval_every=0, checkpoint_every=6,
+                       seed=0)
+    data, held = _data(200, 5), _data(16, 6)
+    whole = train.fit(cfg, tcfg, data, held, tmp_path / "whole", progress=False)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "whole" / "fit_config.json", resumed_dir)
+    shutil.copytree(tmp_path / "whole" / "checkpoints", resumed_dir / "checkpoints")  # as killed after step 6
+    saved = json.loads((resumed_dir / "checkpoints" / "step-000006" / "state.json").read_text())
+    assert saved["scaler"]["scale"] > 0 and "_growth_tracker" in saved["scaler"]
+    again = train.fit(cfg, tcfg, data, held, resumed_dir, progress=False)
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again["loss_scale"] == whole["loss_scale"] and again["skipped_steps"] == whole["skipped_steps"]
+
+
+def _checkpointing_calls(model) -> list:
+    return [m._gradient_checkpointing_func for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func")]
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_gradient_checkpointing_is_enabled_once_and_non_reentrant(tiny_llama, quantization):
+    cfg = _model_cfg(tiny_llama, "auto", gradient_checkpointing=True, quantization=quantization)
+    model, _ = modeling.load_classifier(cfg)
+    calls = _checkpointing_calls(model)
+    assert calls and all(c.keywords.get("use_reentrant") is False for c in calls)
+
+
+def test_rng_states_round_trip_on_the_cpu():
+    states = train.rng_states("cpu")
+    assert set(states) == {"rng"}  # a CUDA process adds "cuda_rng"
+    first = torch.rand(3)
+    train.restore_rng(states, "cpu")
+    assert torch.equal(torch.rand(3), first)
+
+
+def test_autocast_is_a_no_op_in_fp32_and_real_in_16_bit():
+    x = torch.randn(4, 4)
+    with modeling.autocast("cpu", torch.float32):
+        assert (x @ x).dtype == torch.float32
+    with modeling.autocast("cpu", torch.bfloat16):
+        assert (x @ x).dtype == torch.bfloat16
+
+
+# -- the shipped multi-GPU configs, launched as users launch them, on 2 CPU processes ----------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def launch_run(tmp_path_factory, tokenizer):
+    from lmsys_lib import demo
+    from lmsys_lib.config import FoldConfig, SynthConfig
+
+    run = tmp_path_factory.mktemp("launch")
+    demo.stage_data(run, SynthConfig(n_train=200, n_test=10, seed=8))
+    demo.stage_folds(run, FoldConfig(k=2, seed=0))
+    modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), run / "models" / "tiny-llama")
+    return run
+
+
+def _launch(run: Path, tmp_path: Path, accelerate_args: list[str], name: str, model: dict) -> subprocess.CompletedProcess:
+    cfg = {"name": name, "model": {"model_dir": str(run / "models" / "tiny-llama"), "lora_r": 4, "lora_alpha": 8,
+                                   "head_init": "model"} | model,
+           "train": {"max_steps": 4, "batch_size": 4, "global_batch": 8, "eval_every": 0, "checkpoint_every": 2,
+                     "lr": 1e-3},
+           "pack": {"max_length": 96}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    command = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "-m", "lmsys_lib", "teacher",
+               "--run-dir", str(run), "--config", str(path), "--folds", "0", "--name", name]
+    return subprocess.run(command, capture_output=True, text=True, env=os.environ | {"ACCELERATE_USE_CPU": "1"},
+                          timeout=600)
+
+
+@pytest.mark.parametrize(("config", "model"), [
+    ("2xT4.yaml", {"dtype": "fp16"}),  # what a T4 computes in: fp16 autocast + loss scaling
+    ("8xA100-ddp-qlora.yaml", {"dtype": "bf16", "quantization": "nf4"}),  # 4-bit copies, bf16 autocast
+])
+def test_shipped_ddp_configs_train_on_two_processes(launch_run, tmp_path, config, model):
+    """The shipped files as given, with the process count cut to 2 CPU processes over gloo."""
+    name = config.split(".")[0].lower()
+    proc = _launch(launch_run, tmp_path, ["--config_file", str(ROOT / "configs" / "accelerate" / config),
+                                          "--num_processes", "2"], name, model)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((launch_run / "teachers" / name / "fold0" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and len(set(metrics["rank_checksums"])) == 1
+    assert metrics["compute_dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[model["dtype"]]
+    assert np.isfinite(metrics["best_eval_log_loss"])
+    assert (metrics["loss_scale"] is not None) == (model["dtype"] == "fp16")
+
+
+def test_fsdp_is_refused_before_any_model_loads(launch_run, tmp_path):
+    proc = _launch(launch_run, tmp_path, ["--use_fsdp", "--num_processes", "2", "--mixed_precision", "no"],
+                   "fsdp", {})
+    assert proc.returncode != 0 and "FSDP is not supported" in proc.stderr
+    assert not (launch_run / "teachers" / "fsdp" / "fold0" / "metrics.json").exists()
