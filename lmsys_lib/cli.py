@@ -202,7 +202,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             raise ValueError("--run-dir merges the run's own folds into a checkpoint: leave out --adapters, "
                              "--folds-dir and --form")
         out = merge.run(args.run_dir, args.name, base=args.base, out_dir=args.out,
-                        max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), force=args.force)
+                        max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), force=args.force, storage=args.storage)
         print(out)
         return 0
     if not (args.adapters or args.folds_dir) or not args.base or not args.out:
@@ -210,7 +210,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     adapters = merge.read_adapters(args.adapters or merge.fold_adapters(args.folds_dir))  # read once
     base = resolve_model_dir(args.base)
     if args.form == "checkpoint":
-        out = merge.merge_exact(base, adapters, args.out, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+        out = merge.merge_exact(base, adapters, args.out, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3),
+                                storage=args.storage)
     else:
         out = merge.exact_adapter(adapters, args.out)
     error = merge.weight_error(adapters)
@@ -554,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=("checkpoint", "adapter"), default="checkpoint",
                    help="checkpoint: plain HF model (default); adapter: the exact stacked LoRA (rank Σ r_k)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size (checkpoint form)")
+    p.add_argument("--storage", choices=("fp32", "fp16", "bf16", "base"), default="fp32",
+                   help="dtype of the merged weights (checkpoint form): fp32 (default, GPTQ's input: a LoRA update is "
+                        "often below bf16's resolution of the weight), fp16, bf16, or the base's")
     p.set_defaults(fn=_cmd_merge)
 
     p = sub.add_parser("quantize", help="GPTQ the merged classifier (8-bit default, head kept unquantised) and check "

@@ -3,10 +3,17 @@
 Each fold adapter k adds ΔW_k = s_k·B_k·A_k to every target weight (s_k = α/r, or α/√r with rsLoRA).
 The k-fold ensemble's weight-space mean is W + mean_k ΔW_k. Three ways to fuse:
 
-- ``merge_exact``: W + mean_k(s_k·B_k·A_k), computed in fp32 and cast once to the base's dtype; the score
+- ``merge_exact``: W + mean_k(s_k·B_k·A_k), computed in fp32 and cast once to the storage dtype; the score
   heads averaged; written as a plain HF sequence-classification checkpoint (safetensors, sharded). The base
   is streamed tensor by tensor from its safetensors files and written out in shards of ``max_shard_bytes``,
   so a 9B base never sits in memory twice (never once, even).
+- Storage dtype (``storage``): the merged weights (every adapted weight and the head) are stored in fp32 by
+  default — the input GPTQ quantises from. A LoRA update is often below the resolution of the weight it
+  is added to: stored in bf16 (the base's dtype), W + ΔW rounds back to W for most elements and the fold
+  ensemble's update is largely lost (``fidelity_report`` measures it per storage dtype). "fp16" keeps 3
+  more mantissa bits than bf16 when the next stage runs fp16 (refused for a weight outside fp16's range);
+  "base" stores the base's dtype. Weights no adapter touched keep the base's dtype (an upcast adds nothing).
+  ``config.json`` keeps the base's dtype — the dtype the folds were trained in.
 - ``exact_adapter``: the same update still as LoRA — A stacked, B stacked with each B_k scaled by s_k/k,
   rank Σ r_k, scaling 1 — for users who keep an adapter on a (quantised) base.
 - ``naive_adapter``: the A and B matrices averaged key by key (what the first-place code did); it gives
@@ -131,14 +138,18 @@ def mean_head(adapters: Sequence[Adapter]) -> dict[str, Any]:
 # -- exact merge into a plain checkpoint -------------------------------------------------------------
 
 
+STORAGE_DTYPES = ("fp32", "fp16", "bf16", "base")
+
+
 def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str | Path,
                 tokenizer: Any = None, max_shard_bytes: int = 2 * 1024 ** 3,
-                log: Callable[[str], None] = print) -> Path:
+                log: Callable[[str], None] = print, storage: str = "fp32") -> Path:
     """W + mean_k(s_k·B_k·A_k) for every adapted weight, heads averaged → ``out_dir`` (HF checkpoint).
 
     The base is read one tensor at a time from its safetensors file(s); output shards are flushed at
     ``max_shard_bytes`` (``model.safetensors.index.json`` when there are several). The causal-LM head
     (``lm_head``) is left out: the result is a ``*ForSequenceClassification`` checkpoint with 3 labels.
+    ``storage``: the dtype of the merged weights and the head (``STORAGE_DTYPES``; see the module docstring).
     """
     import torch
     from safetensors import safe_open
@@ -147,6 +158,8 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
 
     from .modeling import NUM_LABELS, load_tokenizer
 
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage {storage!r}: expected one of {STORAGE_DTYPES}")
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     adapters = read_adapters(adapter_dirs)
     config = AutoConfig.from_pretrained(base_dir)
@@ -167,6 +180,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     tmp.mkdir(parents=True)
     writer = _ShardWriter(tmp, max_shard_bytes)
     vocab_rows = config.vocab_size
+    base_dtype = None
     bar = tqdm(total=_count_tensors(files), desc="merge", unit="tensor", mininterval=2.0)  # a 9B base: minutes
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -175,10 +189,11 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
                 if key.startswith(("lm_head.", f"{HEAD}.")):  # the causal-LM head, or a base's own score head
                     continue
                 tensor = f.get_tensor(key)
+                base_dtype = base_dtype or (tensor.dtype if tensor.is_floating_point() else None)
                 module = key[:-len(".weight")] if key.endswith(".weight") else None
                 if module in pending:
                     merged = tensor.float() + mean_delta(adapters, module)
-                    tensor = merged.to(tensor.dtype)  # the one cast
+                    tensor = _stored(key, merged, storage, tensor.dtype)  # the one cast
                     pending.discard(module)
                 elif key.endswith("embed_tokens.weight") and tokenizer.pad_token_id >= tensor.shape[0]:
                     extra = torch.zeros(tokenizer.pad_token_id + 1 - tensor.shape[0], tensor.shape[1],
@@ -190,9 +205,9 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     bar.close()
     if pending:
         raise ValueError(f"{base_dir}: the adapters change weights the base does not have: {sorted(pending)[:5]}")
-    dtype = writer.dtype or torch.float32
+    base_dtype = base_dtype or torch.float32
     for key, value in mean_head(adapters).items():
-        writer.add(key, value.to(dtype))
+        writer.add(key, _stored(key, value.float(), storage, base_dtype))
     writer.close()
     config.num_labels = NUM_LABELS
     config.pad_token_id = tokenizer.pad_token_id
@@ -201,16 +216,32 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _carry_temperature([a.path for a in adapters], tmp, log)
-    _write_contract([a.path for a in adapters], tmp, str(dtype).split(".")[-1], log)
+    _write_contract([a.path for a in adapters], tmp, str(base_dtype).split(".")[-1], log)
+    stored = str(_DTYPES[storage] if storage != "base" else base_dtype).split(".")[-1]
     (tmp / "lmsys_merge.json").write_text(json.dumps(
         {"method": "exact", "base": str(base_dir), "adapters": [str(a.path) for a in adapters],
          "adapter_sha256": [file_sha256(Path(a.path) / "adapter_model.safetensors") for a in adapters],
-         "base_identity": _identity(base_dir),
+         "base_identity": _identity(base_dir), "storage_dtype": stored,
          "formula": "W + mean_k(s_k * B_k @ A_k), fp32, one cast"}, indent=2), encoding="utf-8")
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    log(f"merged {len(adapters)} adapters exactly into {out_dir} ({len(adapters[0].modules)} weights)")
+    log(f"merged {len(adapters)} adapters exactly into {out_dir} ({len(adapters[0].modules)} weights, stored {stored})")
     return out_dir
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _stored(key: str, merged: Any, storage: str, base_dtype: Any) -> Any:
+    """A merged fp32 tensor in the storage dtype ("base": the base's); fp16 refuses values beyond its range."""
+    import torch
+
+    dtype = base_dtype if storage == "base" else getattr(torch, _DTYPES[storage])
+    out = merged.to(dtype)
+    if dtype == torch.float16 and not torch.isfinite(out).all():
+        raise ValueError(f"{key}: merged values up to {float(merged.abs().max()):.4g} overflow fp16 (max 65504): "
+                         "store the merge in fp32 or bf16")
+    return out
 
 
 def _say_if_trained_on_4bit(adapter_dirs: Sequence[Path], base_dir: Path, log: Callable[[str], None]) -> None:
@@ -284,11 +315,8 @@ class _ShardWriter:
         self.current: dict[str, Any] = {}
         self.size = 0
         self.shards: list[tuple[Path, list[str]]] = []
-        self.dtype: Any = None
 
     def add(self, key: str, tensor: Any) -> None:
-        if tensor.is_floating_point() and self.dtype is None:
-            self.dtype = tensor.dtype
         nbytes = tensor.numel() * tensor.element_size()
         if self.current and self.size + nbytes > self.max_bytes:
             self._flush()
@@ -390,68 +418,129 @@ def weight_error(adapter_dirs: AdapterSource) -> dict[str, float]:
 
 def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_dir: str | Path,
                     frame: pd.DataFrame, pack_cfg: Any, batch_size: int = 8, work_dir: str | Path | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+                    log: Callable[[str], None] = print, device: Any = "auto", dtype: str = "auto",
+                    storages: Sequence[str] | None = None) -> dict[str, Any]:
     """Merged model vs the k-fold ensemble (mean of the folds' probabilities) on ``frame``'s rows.
 
     Rows should be held out from every fold (e.g. a holdout file). Returns log loss of the ensemble, the
     exact merge and the naive merge (when ``frame`` has labels), mean KL(ensemble ‖ model) and argmax
     agreement with the ensemble for both merges, the naive merge's weight error, and the per-row
     probabilities (``probs``) for plots.
+
+    Runs on ``device`` ("auto": the first GPU, else the CPU) in ``dtype`` (``modeling.compute_dtype``: fp16 on
+    a GPU, the CPU's compute dtype on a CPU): the base is loaded once, straight onto the device, and the fold adapters (then the naive one) are
+    switched on it, so a 9B needs one 16-bit copy — a 24 GB GPU — at a time. The merged model is then scored
+    once per storage dtype (``storages``; default: every one the merged checkpoint can show — fp32, fp16 and
+    bf16 for an fp32 merge): ``kl_ensemble_exact_<dtype>`` says how much of the ensemble each storage keeps;
+    ``kl_ensemble_exact`` is the merge as stored.
     """
+    import gc
+
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from .metrics import log_loss, softmax
-    from .modeling import NUM_LABELS, attention_for, load_tokenizer, predict_logits, set_pad
+    from .modeling import NUM_LABELS, attention_for, compute_dtype, load_tokenizer, predict_logits, set_pad
     from .prompting import Packer
+    from .quantize import resolve_device
 
-    base_dir, merged_dir = Path(base_dir), Path(merged_dir)
+    base_dir, merged_dir, device = Path(base_dir), Path(merged_dir), resolve_device(device)
+    compute = compute_dtype(device, dtype, log)
     work = Path(work_dir) if work_dir else merged_dir.parent / "merge-work"  # the naive adapter, kept to look at
     adapters = read_adapters(adapter_dirs)  # once: a 9B model's fold adapters are hundreds of MB each
     tokenizer = load_tokenizer(base_dir)
     ids = list(Packer(tokenizer, pack_cfg).pack_frame(frame)["input_ids"])
+    placement = {"device_map": {"": device.index or 0} if device.type == "cuda" else {"": str(device)}}
 
-    def base_model() -> Any:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_dir, num_labels=NUM_LABELS, dtype=torch.float32,
-            attn_implementation=attention_for(AutoConfig.from_pretrained(base_dir), "auto"))
-        set_pad(model, tokenizer)
-        return model
+    def probs_of(model: Any) -> np.ndarray:
+        return softmax(predict_logits(model, ids, tokenizer.pad_token_id, batch_size, device=device, dtype=compute))
 
-    def adapted_probs(adapter: Path) -> np.ndarray:
-        model = PeftModel.from_pretrained(base_model(), adapter)
-        return softmax(predict_logits(model, ids, tokenizer.pad_token_id, batch_size))
-
-    fold_probs = [adapted_probs(a.path) for a in adapters]
-    ensemble = np.mean(fold_probs, axis=0)
-    merged = AutoModelForSequenceClassification.from_pretrained(
-        merged_dir, dtype=torch.float32, attn_implementation=attention_for(AutoConfig.from_pretrained(merged_dir),
-                                                                           "auto"))
-    exact = softmax(predict_logits(merged, ids, tokenizer.pad_token_id, batch_size))
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_dir, num_labels=NUM_LABELS, dtype=compute, **placement,
+        attn_implementation=attention_for(AutoConfig.from_pretrained(base_dir), "auto", device))
+    set_pad(base, tokenizer)
     naive_dir = naive_adapter(adapters, work / "naive-adapter")
-    naive = adapted_probs(naive_dir)
+    paths = [a.path for a in adapters] + [naive_dir]
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name="a0")
+    all_probs = []
+    for i, path in enumerate(paths):  # one base, the adapters switched on it
+        if i:
+            model.load_adapter(path, adapter_name=f"a{i}")
+            model.set_adapter(f"a{i}")
+            model.delete_adapter(f"a{i - 1}")
+        all_probs.append(probs_of(model))
+    fold_probs, naive = all_probs[:-1], all_probs[-1]
+    ensemble = np.mean(fold_probs, axis=0)
+    del model, base
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    stored = _stored_dtype(merged_dir)
+    storages = list(storages) if storages else [d for d in ("fp32", "fp16", "bf16") if _DTYPE_BITS[d] <= _DTYPE_BITS[stored]]
+    by_storage = {d: _merged_probs(merged_dir, d, compute, placement, device, probs_of) for d in storages}
+    exact = by_storage.get(stored)
+    if exact is None:
+        exact = _merged_probs(merged_dir, stored, compute, placement, device, probs_of)
 
     def kl(p: np.ndarray, q: np.ndarray) -> float:
         p, q = np.clip(p, 1e-15, 1), np.clip(q, 1e-15, 1)
         return float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
 
     labels = frame["label"].to_numpy() if "label" in frame.columns else None
-    report: dict[str, Any] = {"rows": len(frame), "folds": len(fold_probs)}
+    report: dict[str, Any] = {"rows": len(frame), "folds": len(fold_probs), "device": str(device),
+                              "dtype": str(compute).split(".")[-1], "storage_dtype": stored}
     for name, probs in (("ensemble", ensemble), ("exact", exact), ("naive", naive)):
         if labels is not None:
             report[f"log_loss_{name}"] = log_loss(labels, probs)
         if name != "ensemble":
             report[f"kl_ensemble_{name}"] = kl(ensemble, probs)
             report[f"argmax_agreement_{name}"] = float(np.mean(probs.argmax(1) == ensemble.argmax(1)))
+    for name, probs in by_storage.items():
+        report[f"kl_ensemble_exact_{name}"] = kl(ensemble, probs)
     if labels is not None:
         report["log_loss_naive_minus_exact"] = report["log_loss_naive"] - report["log_loss_exact"]
         report["log_loss_each_fold"] = [log_loss(labels, p) for p in fold_probs]
     report["naive_weight_error"] = weight_error(adapters)
     report["probs"] = {"ensemble": ensemble, "exact": exact, "naive": naive}
-    log(f"fidelity on {len(frame)} rows: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in report.items() if isinstance(v, float)))
+    log(f"fidelity on {len(frame)} rows ({report['dtype']} on {device}): " + ", ".join(
+        f"{k} {v:.4g}" for k, v in report.items() if isinstance(v, float)))
     return report
+
+
+_DTYPE_BITS = {"fp32": 23, "fp16": 10, "bf16": 7}  # mantissa bits: what a storage dtype keeps of ΔW
+_SAFETENSORS_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
+def _stored_dtype(merged_dir: Path) -> str:
+    """The widest float dtype the merged checkpoint stores its weights in (safetensors headers)."""
+    from .quantize import read_header
+
+    found = {_SAFETENSORS_NAMES.get(v["dtype"]) for f in _safetensor_files(merged_dir) for v in read_header(f).values()}
+    found.discard(None)
+    return max(found, key=_DTYPE_BITS.__getitem__) if found else "fp32"
+
+
+def _merged_probs(merged_dir: Path, storage: str, compute: Any, placement: dict[str, Any], device: Any,
+                  probs_of: Callable[[Any], np.ndarray]) -> np.ndarray:
+    """The merged model as if stored in ``storage``, run in ``compute``: loaded in the storage dtype (fp32
+    storage: straight in the compute dtype — one rounding, as a load of an fp32 file does), then cast."""
+    import gc
+
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from .modeling import attention_for
+
+    wanted = getattr(torch, _DTYPES[storage])
+    load = compute if wanted == torch.float32 else wanted
+    model = AutoModelForSequenceClassification.from_pretrained(
+        merged_dir, dtype=load, **placement,
+        attn_implementation=attention_for(AutoConfig.from_pretrained(merged_dir), "auto", device))
+    probs = probs_of(model.to(compute))
+    del model
+    gc.collect()
+    return probs
 
 
 def save_report(report: dict[str, Any], merged_dir: str | Path) -> Path:
@@ -463,13 +552,19 @@ def save_report(report: dict[str, Any], merged_dir: str | Path) -> Path:
 
 
 def report_table(report: dict[str, Any]) -> pd.DataFrame:
-    """One row per model (ensemble, exact merge, naive merge): log loss, KL to the ensemble, agreement."""
+    """One row per model (ensemble, exact merge, naive merge): log loss, KL to the ensemble, agreement; then
+    the exact merge's KL to the ensemble for each storage dtype scored."""
     rows = []
     for name, label in (("ensemble", "k-fold ensemble (mean of probabilities)"), ("exact", "exact merge"),
                         ("naive", "naive A/B average")):
         rows.append({"model": label, "log_loss": report.get(f"log_loss_{name}"),
                      "kl_from_ensemble": report.get(f"kl_ensemble_{name}", 0.0),
                      "argmax_agreement": report.get(f"argmax_agreement_{name}", 1.0)})
+    for storage in ("fp32", "fp16", "bf16"):
+        if f"kl_ensemble_exact_{storage}" in report:
+            rows.append({"model": f"exact merge stored {storage}, run in {report.get('dtype', 'float32')}",
+                         "log_loss": None, "kl_from_ensemble": report[f"kl_ensemble_exact_{storage}"],
+                         "argmax_agreement": None})
     table = pd.DataFrame(rows)
     table.attrs["naive_weight_error"] = report["naive_weight_error"]
     return table
@@ -548,10 +643,12 @@ def check_base(base_dir: str | Path, adapter_dirs: Sequence[Path]) -> None:
 
 
 def run(run_dir: str | Path, name: str, base: str | None = None, out_dir: str | Path | None = None,
-        max_shard_bytes: int = 2 * 1024 ** 3, force: bool = False, log: Callable[[str], None] = print) -> Path:
+        max_shard_bytes: int = 2 * 1024 ** 3, force: bool = False, log: Callable[[str], None] = print,
+        storage: str = "fp32") -> Path:
     """The merge stage of a run folder: ``student/<name>/fold*/adapter`` (or ``teachers/<name>/…``) merged
     exactly into ``base`` (default: the base the folds were trained from, ``fold_base``) → ``out_dir`` (default
-    ``<run>/merged``) with its contract. A finished merge of the same folds is kept unless ``force``."""
+    ``<run>/merged``) with its contract, the merged weights stored in ``storage``. A finished merge of the same
+    folds, base and storage is kept unless ``force``."""
     from .zoo import resolve_model_dir
 
     run_dir = Path(run_dir)
@@ -565,12 +662,12 @@ def run(run_dir: str | Path, name: str, base: str | None = None, out_dir: str | 
     base_dir = resolve_model_dir(base or fold_base(roots[0]))
     check_base(base_dir, adapters)
     stamp = {"adapter_sha256": [file_sha256(p / "adapter_model.safetensors") for p in adapters],
-             "base": model_identity(base_dir)}
+             "base": model_identity(base_dir), "storage": storage}
     done = out / "lmsys_merge.json"
     if done.is_file() and not force and json.loads(done.read_text(encoding="utf-8")).get("stamp") == stamp:
         log(f"{out}: these folds are merged onto this base already — kept (--force to merge again)")
         return out
-    merge_exact(base_dir, adapters, out, max_shard_bytes=max_shard_bytes, log=log)
+    merge_exact(base_dir, adapters, out, max_shard_bytes=max_shard_bytes, log=log, storage=storage)
     record = json.loads(done.read_text(encoding="utf-8")) | {"stamp": stamp, "base": str(base or fold_base(roots[0]))}
     done.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out

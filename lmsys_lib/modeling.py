@@ -403,14 +403,16 @@ def logits_of_batches(model: Any, ids: list[Any], batches: list[list[int]], pad_
     return results
 
 
-def predict_logits(model: Any, ids: list[Any], pad_id: int, batch_size: int = 8, device: Any = "cpu") -> Any:
-    """(n, 3) fp32 logits in input order, one process; batches length-sorted (little padding)."""
+def predict_logits(model: Any, ids: list[Any], pad_id: int, batch_size: int = 8, device: Any = "cpu",
+                   dtype: Any = None) -> Any:
+    """(n, 3) fp32 logits in input order, one process; batches length-sorted (little padding); under
+    autocast to ``dtype`` when given."""
     import numpy as np
 
     from .batching import sorted_batches
 
     logits = np.zeros((len(ids), 3), dtype=np.float32)
     for rows, block in logits_of_batches(model, ids, sorted_batches([len(x) for x in ids], batch_size), pad_id,
-                                         device):
+                                         device, dtype):
         logits[rows] = block
     return logits

@@ -402,7 +402,8 @@ def merge_adapter_into_base(model_cfg: ModelConfig, adapter_dir: Path, out_dir: 
 
     if model_cfg.lora_r == 0:  # full fine-tuning already saved a plain checkpoint
         return adapter_dir
-    return merge_exact(model_cfg.model_dir, [adapter_dir], out_dir, tokenizer=tokenizer, log=log)
+    # stored as the base: the folds load it in their 16-bit (or 4-bit) dtype, so more bits would be rounded away
+    return merge_exact(model_cfg.model_dir, [adapter_dir], out_dir, tokenizer=tokenizer, log=log, storage="base")
 
 
 def prepare_run(run_dir: str | Path, data_dir: str | Path, k: int = 5, seed: int = 42) -> Path:

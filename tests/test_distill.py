@@ -118,7 +118,7 @@ def test_student_folds_distil_write_oof_and_merge(run, tmp_path):
                 "argmax_agreement_exact", "log_loss_naive_minus_exact"):
         assert np.isfinite(report[key]), key
     assert report["kl_ensemble_exact"] >= 0 and 0 <= report["argmax_agreement_exact"] <= 1
-    assert len(merge.report_table(report)) == 3 and merge.plot_report(report) is not None
+    assert len(merge.report_table(report)) == 3 + 3 and merge.plot_report(report) is not None  # + 3 storages
 
 
 def test_student_without_teachers_is_the_hard_label_baseline_and_other_config_is_refused(run, tmp_path):

@@ -115,19 +115,85 @@ def test_sharded_output_loads_and_matches(base, tmp_path):
     assert torch.equal(a, b)
 
 
-def test_bf16_base_is_merged_in_fp32_and_cast_once(tmp_path, tokenizer):
+def _small_updates(paths, scale, same_head=False):
+    """Rescale each adapter's B so that ΔW is ``scale`` × its size (a trained fold's update is small);
+    ``same_head``: every fold gets the first fold's head (then the merge differs from the ensemble by the
+    weight updates alone)."""
+    from safetensors.torch import save_file
+
+    head = {k: v for k, v in load_file(paths[0] / "adapter_model.safetensors").items() if ".score." in k}
+    for path in paths:
+        weights = load_file(path / "adapter_model.safetensors")
+        weights = {k: v * scale if "lora_B" in k else v for k, v in weights.items()} | (head if same_head else {})
+        save_file(weights, path / "adapter_model.safetensors")
+
+
+def test_a_bf16_base_merges_in_fp32_and_stores_what_keeps_the_update(tmp_path, tokenizer):
+    """W + ΔW computed in fp32, cast once to the storage dtype. A small update is below bf16's resolution of
+    W: stored in the base's bf16 most of ΔW is lost; fp32 (the default) keeps it, fp16 keeps more than bf16.
+    Untouched weights keep the base's dtype, and config.json says bf16 — what the folds ran in."""
     from transformers import AutoModelForCausalLM
 
     base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "b32")
     AutoModelForCausalLM.from_pretrained(base).to(torch.bfloat16).save_pretrained(tmp_path / "b16")
     copy.deepcopy(modeling.load_tokenizer(base)).save_pretrained(tmp_path / "b16")
     adapters = _fold_adapters(tmp_path / "b16", tmp_path / "folds", k=2)
-    out = merge.merge_exact(tmp_path / "b16", adapters, tmp_path / "merged", log=lambda _: None)
-    merged, w = load_file(out / "model.safetensors"), load_file(tmp_path / "b16" / "model.safetensors")
+    _small_updates(adapters, 1e-4)  # ΔW ~ 1e-5 against weights ~ 0.02 (bf16 half-ulp there: 6e-5)
+    w = load_file(tmp_path / "b16" / "model.safetensors")
     ad = merge.read_adapters(adapters)
     key = "model.layers.0.self_attn.q_proj"
-    want = (w[f"{key}.weight"].float() + merge.mean_delta(ad, key)).to(torch.bfloat16)
-    assert merged[f"{key}.weight"].dtype == torch.bfloat16 and torch.equal(merged[f"{key}.weight"], want)
+    delta = merge.mean_delta(ad, key)
+    kept = {}
+    for storage in ("fp32", "fp16", "base"):
+        out = merge.merge_exact(tmp_path / "b16", adapters, tmp_path / storage, log=lambda _: None, storage=storage)
+        merged = load_file(out / "model.safetensors")
+        want = (w[f"{key}.weight"].float() + delta).to(merged[f"{key}.weight"].dtype)
+        assert torch.equal(merged[f"{key}.weight"], want)  # the one cast
+        assert merged["model.embed_tokens.weight"].dtype == torch.bfloat16  # untouched: as the base
+        assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+        kept[storage] = float((merged[f"{key}.weight"].float() - w[f"{key}.weight"].float()).norm() / delta.norm())
+        record = json.loads((out / "lmsys_merge.json").read_text())
+        assert record["storage_dtype"] == {"fp32": "float32", "fp16": "float16", "base": "bfloat16"}[storage]
+    assert abs(kept["fp32"] - 1) < 1e-4 and abs(kept["fp16"] - 1) < abs(kept["base"] - 1)
+    assert abs(kept["base"] - 1) > 0.2  # bf16 storage: a large part of the fold ensemble's update is gone
+
+
+def test_fp16_storage_refuses_values_beyond_its_range(tmp_path, tokenizer):
+    base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "b")
+    adapters = _fold_adapters(base, tmp_path / "folds", k=1)
+    _small_updates(adapters, 1e7)
+    with pytest.raises(ValueError, match="overflow fp16"):
+        merge.merge_exact(base, adapters, tmp_path / "m", log=lambda _: None, storage="fp16")
+
+
+def test_fidelity_report_switches_adapters_on_one_base_and_scores_each_storage(tmp_path, tokenizer, synth_frame):
+    from lmsys_lib.config import PackConfig
+
+    base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "b")
+    adapters = _fold_adapters(base, tmp_path / "folds", k=2)
+    _small_updates(adapters, 3e-3, same_head=True)  # small, as trained folds' are: the mean ≈ the ensemble
+    merged = merge.merge_exact(base, adapters, tmp_path / "merged", log=lambda _: None)
+    report = merge.fidelity_report(base, adapters, merged, synth_frame.iloc[:16], PackConfig(max_length=160),
+                                   log=lambda _: None)
+    assert report["storage_dtype"] == "fp32" and report["dtype"] == "float32"
+    assert {"kl_ensemble_exact_fp32", "kl_ensemble_exact_fp16", "kl_ensemble_exact_bf16"} <= set(report)
+    assert report["kl_ensemble_exact"] == report["kl_ensemble_exact_fp32"]
+    assert report["kl_ensemble_exact_fp32"] < report["kl_ensemble_exact_fp16"] < report["kl_ensemble_exact_bf16"]
+    # the fold ensemble from the switched adapters equals each fold loaded alone on a fresh base
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from lmsys_lib.metrics import softmax
+    from lmsys_lib.prompting import Packer
+
+    tok = modeling.load_tokenizer(base)
+    ids = list(Packer(tok, PackConfig(max_length=160)).pack_frame(synth_frame.iloc[:16])["input_ids"])
+    alone = []
+    for path in adapters:
+        fresh = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3, dtype=torch.float32)
+        modeling.set_pad(fresh, tok)
+        alone.append(softmax(modeling.predict_logits(PeftModel.from_pretrained(fresh, path), ids, tok.pad_token_id)))
+    assert np.allclose(np.mean(alone, axis=0), report["probs"]["ensemble"], atol=1e-6)
 
 
 def test_quantised_base_is_refused_and_nf4_training_is_said(base, tmp_path):
