@@ -143,7 +143,7 @@ def test_a_bf16_base_merges_in_fp32_and_stores_what_keeps_the_update(tmp_path, t
     ad = merge.read_adapters(adapters)
     key = "model.layers.0.self_attn.q_proj"
     delta = merge.mean_delta(ad, key)
-    kept = {}
+    lost = {}
     for storage in ("fp32", "fp16", "base"):
         out = merge.merge_exact(tmp_path / "b16", adapters, tmp_path / storage, log=lambda _: None, storage=storage)
         merged = load_file(out / "model.safetensors")
@@ -151,11 +151,12 @@ def test_a_bf16_base_merges_in_fp32_and_stores_what_keeps_the_update(tmp_path, t
         assert torch.equal(merged[f"{key}.weight"], want)  # the one cast
         assert merged["model.embed_tokens.weight"].dtype == torch.bfloat16  # untouched: as the base
         assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-        kept[storage] = float((merged[f"{key}.weight"].float() - w[f"{key}.weight"].float()).norm() / delta.norm())
+        update = merged[f"{key}.weight"].float() - w[f"{key}.weight"].float()  # what the stored merge adds
+        lost[storage] = float((update - delta).norm() / delta.norm())
         record = json.loads((out / "lmsys_merge.json").read_text())
         assert record["storage_dtype"] == {"fp32": "float32", "fp16": "float16", "base": "bfloat16"}[storage]
-    assert abs(kept["fp32"] - 1) < 1e-4 and abs(kept["fp16"] - 1) < abs(kept["base"] - 1)
-    assert abs(kept["base"] - 1) > 0.2  # bf16 storage: a large part of the fold ensemble's update is gone
+    assert lost["fp32"] < 1e-4 and lost["fp16"] < lost["base"]
+    assert lost["base"] > 0.5  # bf16 storage: most of the fold ensemble's update is gone
 
 
 def test_fp16_storage_refuses_values_beyond_its_range(tmp_path, tokenizer):
