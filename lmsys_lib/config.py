@@ -203,6 +203,7 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimiser steps between resumable checkpoints (0: never)
     eval_batch_size: int = 8
     seed: int = 42
+    fsdp: bool = False  # shard weights, masters and AdamW state over the processes (FSDP2; lmsys_lib.sharding)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0 or self.max_steps > 0, "give epochs > 0 or max_steps > 0")

@@ -15,8 +15,13 @@ Contract:
   uninterrupted run.
 - ``out_dir/adapter/`` holds the adapter with the best held-out log loss; ``out_dir/eval_logits.parquet``
   its held-out logits (the fold's out-of-fold logits); ``out_dir/metrics.json`` the history.
-- Multi-process runs go through ``accelerate launch`` (DDP / FSDP); rank and world size come from the
-  ``Accelerator`` passed in or made here, never from globals.
+- Multi-process runs go through ``accelerate launch`` (torchrun); rank and world size come from the
+  ``Accelerator`` passed in or made here, never from globals. DDP by default (one model copy per process,
+  gradients all-reduced, every process's weights checksummed at the end); ``TrainConfig.fsdp`` shards the
+  model instead (``sharding``: FSDP2): adapters and kept weights are gathered whole before rank 0 saves
+  them, checkpoints hold each process's shards (resume on the same process count), no checksum.
+- Every process runs the same collectives in the same order: held-out and scoring batches are padded to an
+  equal count per process (the padding's logits are dropped).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import batching, losses
+from . import batching, losses, sharding
 from .config import ModelConfig, TrainConfig, to_dict
 from .metrics import log_loss, softmax
 
@@ -148,6 +153,9 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
 
     accelerator = accelerator or Accelerator()
     refuse_fsdp(accelerator)
+    if train_cfg.fsdp and model_cfg.quantization == "nf4":
+        raise ValueError("train.fsdp with a 4-bit (nf4) base is not supported: a 4-bit model fits one GPU per "
+                         "process — train it with DDP (configs/accelerate/8xA100-ddp-qlora.yaml)")
     out_dir = Path(out_dir)
     _guard_configs(out_dir, model_cfg, train_cfg, accelerator, extra_identity or {})
     torch.manual_seed(train_cfg.seed)  # the head's initialisation and LoRA's
@@ -157,8 +165,12 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
                          f"{micro_per_step(train_cfg, accelerator.num_processes)} micro-batches of "
                          f"{train_cfg.batch_size} rows: lower global_batch/batch_size or use more rows")
     model, tokenizer = load_classifier(model_cfg, accelerator.device)
-    optimizer = _optimizer(model, train_cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if train_cfg.fsdp:  # FSDP2 instead of accelerate's DDP wrapper; the optimizer sees the sharded parameters
+        model = sharding.shard(model)
+        optimizer = _optimizer(model, train_cfg)
+    else:
+        optimizer = _optimizer(model, train_cfg)
+        model, optimizer = accelerator.prepare(model, optimizer)
     precision = Precision.for_device(accelerator.device, dtype_for(accelerator.device, model_cfg.dtype))
     state = _resume(out_dir, accelerator, model, optimizer, precision.scaler) or {
         "step": 0, "best_loss": None, "best_step": None, "history": [], "skipped_steps": 0}
@@ -174,16 +186,18 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
 
 
 def refuse_fsdp(accelerator: Any = None) -> None:
-    """This loop saves from rank 0, checksums ranks against each other and evaluates unevenly split batches:
-    right under DDP, a deadlock or a wrong save under FSDP — so FSDP is refused before anything loads: when
-    ``accelerate launch`` asked for it (``$ACCELERATE_USE_FSDP``) or the accelerator runs it."""
+    """accelerate's FSDP plugin is refused before anything loads (asked for by ``accelerate launch``,
+    ``$ACCELERATE_USE_FSDP``, or run by the accelerator): this loop shards with FSDP2 itself
+    (``TrainConfig.fsdp`` under a MULTI_GPU launch), which also runs on CPU processes — the plugin cannot."""
     from accelerate.utils import DistributedType
 
     asked = os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
     if asked or (accelerator is not None and accelerator.distributed_type == DistributedType.FSDP):
-        raise NotImplementedError("FSDP is not supported by lmsys_lib's training loop yet: use DDP (one model copy "
-                                  "per GPU) — configs/accelerate/8xA100-ddp-qlora.yaml for 4-bit QLoRA teachers, "
-                                  "8xA100-ddp.yaml for a 16-bit LoRA student")
+        raise NotImplementedError("accelerate's FSDP plugin is not supported by lmsys_lib's training loop: launch "
+                                  "with a MULTI_GPU config (configs/accelerate/8xA100-fsdp.yaml) and set "
+                                  "train.fsdp = true to shard the model; or use DDP (one model copy per GPU: "
+                                  "8xA100-ddp-qlora.yaml for 4-bit QLoRA teachers, 8xA100-ddp.yaml for a 16-bit "
+                                  "LoRA student)")
 
 
 def _ce_loss(logits: Any, labels: Any, rows: np.ndarray, swapped: np.ndarray) -> Any:
@@ -249,6 +263,7 @@ class _Loop:
         self.acc, self.model, self.opt, self.pad_id = accelerator, model, optimizer, pad_id
         self.cfg, self.stream, self.loss_fn, self.out_dir, self.log = cfg, stream, loss_fn, out_dir, log
         self.score_train, self.precision = score_train, precision
+        self.sharded = sharding.is_sharded(model)
         self.warmup = int(cfg.warmup_ratio * stream.total_steps)
 
     def run(self, state: dict[str, Any], train: TrainData, held_out: TrainData, progress: bool) -> dict[str, Any]:
@@ -281,14 +296,10 @@ class _Loop:
 
     def _score_train(self, state: dict[str, Any], train: TrainData) -> None:
         """The kept model's logits on its own training rows → train_logits.parquet."""
-        import torch
         from safetensors.torch import load_file
 
         if state["best_step"] != state["step"]:  # the last step is not the kept one: load the kept weights
-            params = _trainable(self.acc.unwrap_model(self.model))
-            with torch.no_grad():
-                for name, value in load_file(self.out_dir / BEST_WEIGHTS).items():
-                    params[name].copy_(value.to(params[name].device))
+            sharding.load_full_trainable(self.acc.unwrap_model(self.model), load_file(self.out_dir / BEST_WEIGHTS))
         logits = predict_logits(self.acc, self.model, train.ids, self.pad_id, self.cfg.eval_batch_size,
                                 self.precision.compute)
         if self.acc.is_main_process:
@@ -310,7 +321,10 @@ class _Loop:
         total_loss, total_rows = 0.0, 0
         for j, (rows, swapped) in enumerate(mine):
             batch = self._batch(train, rows, swapped)
-            sync = nullcontext() if j == len(mine) - 1 else self.acc.no_sync(self.model)
+            last = j == len(mine) - 1
+            if self.sharded:  # FSDP2: reduce-scatter once per step, on its last micro-batch
+                sharding.gradient_sync(self.model, last)
+            sync = nullcontext() if last or self.sharded else self.acc.no_sync(self.model)
             with sync:
                 with self.precision.autocast():
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -344,10 +358,12 @@ class _Loop:
                  f"held-out log loss {loss:.4f}")
         if state["best_loss"] is None or loss < state["best_loss"]:
             state["best_loss"], state["best_step"] = loss, state["step"]
+            model = self.acc.unwrap_model(self.model)
+            whole = sharding.full_trainable(model) if self.sharded else None  # a collective: every process
             if self.acc.is_main_process:
-                save_adapter(self.acc.unwrap_model(self.model), self.out_dir / "adapter")
+                save_adapter(model, self.out_dir / "adapter", whole)
                 if self.score_train:  # the kept weights, to score the training rows with after the last step
-                    _save_trainable(self.acc.unwrap_model(self.model), self.out_dir / BEST_WEIGHTS)
+                    _save_weights(whole or sharding.full_trainable(model), self.out_dir / BEST_WEIGHTS)
                 pd.DataFrame({"id": held_out.row_ids, "logit_a": logits[:, 0], "logit_b": logits[:, 1],
                               "logit_tie": logits[:, 2]}).to_parquet(self.out_dir / "eval_logits.parquet")
         self.acc.wait_for_everyone()
@@ -356,12 +372,12 @@ class _Loop:
         write_checkpoint(self.out_dir, state, self.acc, self.model, self.opt, self.precision.scaler)
 
     def _finish(self, state: dict[str, Any], rows_per_s: float) -> dict[str, Any]:
-        checksums = rank_checksums(self.acc, self.model)
-        if max(checksums) != min(checksums):
+        checksums = [] if self.sharded else rank_checksums(self.acc, self.model)  # FSDP: one copy, in shards
+        if checksums and max(checksums) != min(checksums):
             raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
         metrics = {"best_eval_log_loss": state["best_loss"], "best_step": state["best_step"],
                    "steps": state["step"], "history": state["history"], "rows_per_s_last_session": rows_per_s,
-                   "processes": self.acc.num_processes, "rank_checksums": checksums,
+                   "processes": self.acc.num_processes, "rank_checksums": checksums, "fsdp": self.sharded,
                    "compute_dtype": self.precision.name, "skipped_steps": state.get("skipped_steps", 0),
                    "loss_scale": self.precision.scaler.get_scale() if self.precision.scaler is not None else None}
         if self.acc.is_main_process:
@@ -390,8 +406,10 @@ def predict_logits(accelerator: Any, model: Any, ids: list[np.ndarray], pad_id: 
     from .modeling import logits_of_batches
 
     batches = batching.sorted_batches([len(x) for x in ids], batch_size)
-    results = logits_of_batches(model, ids, batches[accelerator.process_index:: accelerator.num_processes],
-                                pad_id, accelerator.device, dtype)
+    mine = batches[accelerator.process_index:: accelerator.num_processes]
+    per_process = -(-len(batches) // accelerator.num_processes)
+    filler = [mine[-1] if mine else batches[-1]] * (per_process - len(mine))  # equal forwards on every process
+    results = logits_of_batches(model, ids, mine + filler, pad_id, accelerator.device, dtype)[:len(mine)]
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -402,11 +420,15 @@ def predict_logits(accelerator: Any, model: Any, ids: list[np.ndarray], pad_id: 
     return logits
 
 
-def save_adapter(model: Any, path: Path) -> None:
-    """The trainable part as a loadable folder: a PEFT adapter, or a full checkpoint (lora_r = 0)."""
+def save_adapter(model: Any, path: Path, weights: dict[str, Any] | None = None) -> None:
+    """The trainable part as a loadable folder: a PEFT adapter, or a full checkpoint (lora_r = 0).
+    ``weights``: the whole trainable tensors of a sharded model (``sharding.full_trainable``)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if weights is None:
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
@@ -465,12 +487,20 @@ def write_checkpoint(out_dir: Path, state: dict[str, Any], accelerator: Any, mod
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     save_file(rng_states(accelerator.device), tmp / f"rng-rank{rank}.safetensors")
-    if accelerator.is_main_process:
-        _save_trainable(accelerator.unwrap_model(model), tmp / "trainable.safetensors")
+    unwrapped = accelerator.unwrap_model(model)
+    if sharding.is_sharded(unwrapped):  # FSDP: every process writes its own shards
+        _save_weights(sharding.local_trainable(unwrapped), tmp / f"trainable-rank{rank}.safetensors")
+        tensors, meta = _optimizer_to_tensors(sharding.local_optimizer(optimizer.state_dict()))
+        save_file(tensors, tmp / f"optimizer-rank{rank}.safetensors")
+        (tmp / f"optimizer-rank{rank}.json").write_text(json.dumps(meta), encoding="utf-8")
+    elif accelerator.is_main_process:
+        _save_weights(sharding.local_trainable(unwrapped), tmp / "trainable.safetensors")
         tensors, meta = _optimizer_to_tensors(optimizer.state_dict())
         save_file(tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(meta), encoding="utf-8")
-        saved = state | {"scaler": scaler.state_dict() if scaler is not None else None}
+    if accelerator.is_main_process:
+        saved = state | {"scaler": scaler.state_dict() if scaler is not None else None,
+                         "sharded_processes": accelerator.num_processes if sharding.is_sharded(unwrapped) else 0}
         (tmp / "state.json").write_text(json.dumps(saved), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -513,29 +543,32 @@ def restore_rng(states: dict[str, Any], device: Any) -> None:
 
 def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any,
             scaler: Any = None) -> dict[str, Any] | None:
-    import torch
     from safetensors.torch import load_file
 
     path = latest_checkpoint(out_dir)
     if path is None:
         return None
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(_trainable(accelerator.unwrap_model(model)))
-    missing = sorted(set(params) ^ set(weights))
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: {missing[:5]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device))
-    meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-    optimizer.load_state_dict(_optimizer_from_tensors(load_file(path / "optimizer.safetensors"), meta))
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    unwrapped = accelerator.unwrap_model(model)
+    written = state.pop("sharded_processes", 0)
+    if written != (accelerator.num_processes if sharding.is_sharded(unwrapped) else 0):
+        raise ValueError(f"checkpoint {path} was written " + (f"sharded over {written} processes" if written else
+                         "unsharded") + f"; this run is {'sharded over ' if sharding.is_sharded(unwrapped) else ''}"
+                         f"{accelerator.num_processes} process(es): resume it as it was written, or train anew")
+    suffix = f"-rank{accelerator.process_index}" if written else ""
+    try:
+        sharding.load_local_trainable(unwrapped, load_file(path / f"trainable{suffix}.safetensors"))
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}") from None
+    meta = json.loads((path / f"optimizer{suffix}.json").read_text(encoding="utf-8"))
+    saved = _optimizer_from_tensors(load_file(path / f"optimizer{suffix}.safetensors"), meta)
+    optimizer.load_state_dict(sharding.sharded_optimizer(saved, optimizer) if written else saved)
     rng_file = path / f"rng-rank{accelerator.process_index}.safetensors"
     if rng_file.exists():
         restore_rng(load_file(rng_file), accelerator.device)
     else:  # resumed on more processes than wrote the checkpoint: this rank keeps its seeded generator
         print(f"{path} has no RNG state for process {accelerator.process_index}: dropout continues from a fresh "
               "seed there (the weights and the data order are unaffected; bit-exact resume needs the same count)")
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     scaler_state = state.pop("scaler", None)
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
@@ -551,11 +584,11 @@ def _trainable(model: Any) -> dict[str, Any]:
 BEST_WEIGHTS = "best_trainable.safetensors"  # the kept step's trainable weights, while score_train needs them
 
 
-def _save_trainable(model: Any, path: Path) -> None:
+def _save_weights(weights: dict[str, Any], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in _trainable(model).items()}, tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp)
     os.replace(tmp, path)
 
 

@@ -144,11 +144,12 @@ def launch_run(tmp_path_factory, tokenizer):
     return run
 
 
-def _launch(run: Path, tmp_path: Path, accelerate_args: list[str], name: str, model: dict) -> subprocess.CompletedProcess:
+def _launch(run: Path, tmp_path: Path, accelerate_args: list[str], name: str, model: dict,
+            train: dict | None = None) -> subprocess.CompletedProcess:
     cfg = {"name": name, "model": {"model_dir": str(run / "models" / "tiny-llama"), "lora_r": 4, "lora_alpha": 8,
-                                   "head_init": "model"} | model,
+                                   "head_init": "model", "lora_dropout": 0.0} | model,
            "train": {"max_steps": 4, "batch_size": 4, "global_batch": 8, "eval_every": 0, "checkpoint_every": 2,
-                     "lr": 1e-3},
+                     "lr": 1e-3} | (train or {}),
            "pack": {"max_length": 96}}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(cfg))
@@ -175,8 +176,41 @@ def test_shipped_ddp_configs_train_on_two_processes(launch_run, tmp_path, config
     assert (metrics["loss_scale"] is not None) == (model["dtype"] == "fp16")
 
 
-def test_fsdp_is_refused_before_any_model_loads(launch_run, tmp_path):
+def test_accelerates_fsdp_plugin_is_refused_before_any_model_loads(launch_run, tmp_path):
     proc = _launch(launch_run, tmp_path, ["--use_fsdp", "--num_processes", "2", "--mixed_precision", "no"],
-                   "fsdp", {})
-    assert proc.returncode != 0 and "FSDP is not supported" in proc.stderr
-    assert not (launch_run / "teachers" / "fsdp" / "fold0" / "metrics.json").exists()
+                   "plugin", {})
+    assert proc.returncode != 0 and "FSDP plugin is not supported" in proc.stderr and "train.fsdp" in proc.stderr
+    assert not (launch_run / "teachers" / "plugin" / "fold0" / "metrics.json").exists()
+
+
+def _adapter(run: Path, name: str) -> dict:
+    return load_file(run / "teachers" / name / "fold0" / "adapter" / "adapter_model.safetensors")
+
+
+def test_fsdp_on_two_processes_matches_one_process_and_resumes_exactly(launch_run, tmp_path):
+    """FSDP2 (train.fsdp) over 2 CPU processes trains what 1 unsharded process trains (same global batch);
+    killed after its first checkpoint and resumed, it ends bit-identical to its uninterrupted run."""
+    cpu2 = ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu2.yaml")]
+    fsdp = {"fsdp": True}
+    proc = _launch(launch_run, tmp_path, cpu2, "fsdp", {}, train=fsdp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((launch_run / "teachers" / "fsdp" / "fold0" / "metrics.json").read_text())
+    assert metrics["fsdp"] and metrics["processes"] == 2 and metrics["rank_checksums"] == []
+    single = _launch(launch_run, tmp_path, ["--num_processes", "1"], "single", {})
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = _adapter(launch_run, "fsdp"), _adapter(launch_run, "single")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the same run, as killed after step 2: only its first checkpoint (each process's shards) survives
+    killed = tmp_path / "killed"
+    shutil.copytree(launch_run / "data", killed / "data")
+    fold, copied = launch_run / "teachers" / "fsdp" / "fold0", killed / "teachers" / "fsdp" / "fold0"
+    shutil.copytree(fold / "checkpoints" / "step-000002", copied / "checkpoints" / "step-000002")
+    shutil.copy(fold / "fit_config.json", copied)
+    assert {p.name for p in (fold / "checkpoints" / "step-000002").glob("*-rank*.safetensors")} >= {
+        "trainable-rank0.safetensors", "trainable-rank1.safetensors", "optimizer-rank0.safetensors"}
+    again = _launch(killed, tmp_path, cpu2, "fsdp", {"model_dir": str(launch_run / "models" / "tiny-llama")},
+                    train=fsdp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    c = _adapter(killed, "fsdp")
+    assert all(torch.equal(a[k], c[k]) for k in a)

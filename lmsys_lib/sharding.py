@@ -1,0 +1,148 @@
+"""FSDP (torch's FSDP2, ``fully_shard``) for training a model whose weights, fp32 masters and AdamW state do
+not fit one GPU — full fine-tuning or 16-bit LoRA of a large model. (The recipes need none: a 4-bit 70B
+teacher and the 9B student each fit one 80 GB GPU, and DDP is simpler and faster there.)
+
+Contract:
+- ``shard(model, mesh_device)`` shards every decoder layer, then the rest, over all processes (dim 0 of each
+  parameter; parameter names are unchanged). Trainable tensors are fp32 masters (``modeling``); forwards run
+  under the loop's autocast, so FSDP itself casts nothing.
+- Every function here that touches sharded parameters is a collective: all processes call it, in the same
+  order (``full_trainable``, ``load_full_trainable``).
+- Checkpoints hold each process's own shards (``local_trainable``, ``local_optimizer``) as safetensors — no
+  torch.distributed.checkpoint (its metadata is pickled) — so a run resumes on the same process count.
+- Without sharded parameters every function is the plain single-copy operation, so the DDP path and the
+  single process share this code.
+
+It is engaged by ``TrainConfig.fsdp`` under a MULTI_GPU ``accelerate launch`` (torchrun), never by
+accelerate's FSDP plugin (which cannot start on a CPU, so CI could not test it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The transformer blocks of a HF decoder (classes named ``…DecoderLayer``), in order."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def shard(model: Any) -> Any:
+    """FSDP2 over the default process group: each decoder layer is one unit (its parameters all-gathered
+    just before it runs, freed after), the embeddings, final norm and head the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether ``model`` was sharded by ``shard`` (FSDP2 turns its class into an ``FSDPModule``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def trainable(model: Any) -> dict[str, Any]:
+    """Name → parameter of every trainable tensor. A sharded model is resharded first: FSDP2 leaves the root
+    unit's parameters whole (plain tensors on a buffer it frees later) after a forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def full_trainable(model: Any) -> dict[str, Any]:
+    """Name → the whole trainable tensor, detached on the CPU (a collective when sharded: every process gets it)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in trainable(model).items():
+        value = p.detach()
+        out[name] = (value.full_tensor() if isinstance(value, DTensor) else value).to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_full_trainable(model: Any, weights: dict[str, Any]) -> None:
+    """Copy whole trainable tensors into ``model`` (each process keeps its own shard of each)."""
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = trainable(model)
+    missing = sorted(set(params) ^ set(weights))
+    if missing:
+        raise ValueError(f"the weights do not match the model's trainable tensors: {missing[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = weights[name]
+            if isinstance(p, DTensor):
+                local = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements).to_local()
+                p.to_local().copy_(local.to(p.device))
+            else:
+                p.copy_(value.to(p.device))
+
+
+def local_trainable(model: Any) -> dict[str, Any]:
+    """This process's part of every trainable tensor (the whole tensor when not sharded), on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.detach().to_local() if isinstance(p, DTensor) else p.detach()).to("cpu", copy=True).contiguous()
+            for name, p in trainable(model).items()}
+
+
+def load_local_trainable(model: Any, weights: dict[str, Any]) -> None:
+    """Undo ``local_trainable`` (same process count)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    params = trainable(model)
+    missing = sorted(set(params) ^ set(weights))
+    if missing:
+        raise ValueError(f"the checkpoint does not match the model: {missing[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            target = p.to_local() if isinstance(p, DTensor) else p
+            if target.shape != weights[name].shape:
+                raise ValueError(f"{name}: checkpoint shard {tuple(weights[name].shape)} vs this process's "
+                                 f"{tuple(target.shape)} — resume on the process count that wrote it")
+            target.copy_(weights[name].to(target.device))
+
+
+def local_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict with each DTensor replaced by this process's shard."""
+    from torch.distributed.tensor import DTensor
+
+    slots = {idx: {k: (v.to_local().to("cpu", copy=True) if isinstance(v, DTensor) else v) for k, v in entry.items()}
+             for idx, entry in state["state"].items()}
+    return {"state": slots, "param_groups": state["param_groups"]}
+
+
+def sharded_optimizer(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """Undo ``local_optimizer`` for ``optimizer``: each shard that belongs to a sharded parameter (same
+    shape) becomes a DTensor laid out like it."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = {}
+    for idx, entry in state["state"].items():
+        p = params[int(idx)]
+        if isinstance(p, DTensor):
+            local = p.to_local()
+            entry = {k: (DTensor.from_local(v.to(local.device), p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride())
+                         if hasattr(v, "shape") and v.shape == local.shape else v) for k, v in entry.items()}
+        out[idx] = entry
+    return {"state": out, "param_groups": state["param_groups"]}
+
+
+def gradient_sync(model: Any, enabled: bool) -> None:
+    """FSDP2: reduce-scatter gradients only on a step's last micro-batch (accumulate locally before)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
