@@ -199,6 +199,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr × min_lr_ratio
     max_grad_norm: float = 1.0
     swap_prob: float = 0.5  # A/B swap augmentation: share of rows shown swapped (labels permuted)
+    swap_pairs: bool = False  # each micro-batch holds batch_size/2 rows, each in both orientations (swap_prob unused)
     eval_every: int = 50  # optimiser steps between held-out evaluations (0: only at the end)
     checkpoint_every: int = 50  # optimiser steps between resumable checkpoints (0: never)
     eval_batch_size: int = 8
@@ -214,6 +215,7 @@ class TrainConfig:
         _check(0.0 <= self.warmup_ratio < 1.0 and 0.0 <= self.min_lr_ratio <= 1.0,
                "warmup_ratio in [0, 1), min_lr_ratio in [0, 1]")
         _check(0.0 <= self.swap_prob <= 1.0, "swap_prob must be in [0, 1]")
+        _check(not self.swap_pairs or self.batch_size % 2 == 0, "swap_pairs needs an even batch_size (row + its swap)")
         _check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every, checkpoint_every >= 0")
 
 

@@ -3,7 +3,9 @@ held-out log loss every N steps keeping the best adapter, progress with ETA, che
 
 Contract:
 - The micro-batch stream is a pure function of (lengths, TrainConfig): step ``s`` always sees the same
-  rows, in the same A/B orientation, whichever process count or restart produced it.
+  rows, in the same A/B orientation, whichever process count or restart produced it. With
+  ``swap_pairs`` a micro-batch is ``batch_size / 2`` length-grouped rows, each shown as is and A/B-swapped
+  (as the LMSYS 2nd place trained), so an epoch shows every row in both orientations.
 - A step's loss is Σ rows' loss / rows in the step (all processes), so accumulation equals one big batch.
 - Mixed precision (``modeling``): fp32 master weights for everything trainable, forwards under bf16 /
   fp16 autocast; fp16 scales the loss with a dynamic ``GradScaler`` (a step whose gradients overflow is
@@ -101,7 +103,8 @@ class Stream:
 
     def __init__(self, lengths: np.ndarray, cfg: TrainConfig, world_size: int):
         self.lengths, self.cfg, self.world = lengths, cfg, world_size
-        self.per_epoch = len(batching.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0))
+        self.rows_per_batch = cfg.batch_size // 2 if cfg.swap_pairs else cfg.batch_size
+        self.per_epoch = len(batching.length_grouped_batches(lengths, self.rows_per_batch, cfg.seed, 0))
         per_step = micro_per_step(cfg, world_size)
         total_micro = math.ceil(cfg.epochs * self.per_epoch) if cfg.epochs > 0 else 10**12
         # every process gets the same number of micro-batches; with a global batch the run's last partial
@@ -110,13 +113,18 @@ class Stream:
         steps = math.ceil(total_micro / per_step)
         self.total_steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
         self.total_micro = min(total_micro, self.total_steps * per_step)
-        self._epochs: dict[int, tuple[list[list[int]], np.ndarray]] = {}
+        self._epochs: dict[int, list[tuple[list[int], np.ndarray]]] = {}
 
-    def _epoch(self, epoch: int) -> tuple[list[list[int]], np.ndarray]:
+    def _epoch(self, epoch: int) -> list[tuple[list[int], np.ndarray]]:
+        """The epoch's micro-batches as (rows, swapped flags), cached for the epoch being read."""
         if epoch not in self._epochs:
-            batches = batching.length_grouped_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch)
-            swaps = np.random.default_rng([self.cfg.seed, epoch, 1]).random(len(self.lengths)) < self.cfg.swap_prob
-            self._epochs = {epoch: (batches, swaps)}
+            batches = batching.length_grouped_batches(self.lengths, self.rows_per_batch, self.cfg.seed, epoch)
+            if self.cfg.swap_pairs:  # each row as is, then swapped, in the same micro-batch
+                plan = [(rows + rows, np.repeat([False, True], len(rows))) for rows in batches]
+            else:
+                swaps = np.random.default_rng([self.cfg.seed, epoch, 1]).random(len(self.lengths)) < self.cfg.swap_prob
+                plan = [(rows, swaps[rows]) for rows in batches]
+            self._epochs = {epoch: plan}
         return self._epochs[epoch]
 
     def step(self, step: int) -> list[tuple[list[int], np.ndarray]]:
@@ -124,9 +132,7 @@ class Stream:
         per_step = micro_per_step(self.cfg, self.world)
         out = []
         for idx in range(step * per_step, min((step + 1) * per_step, self.total_micro)):
-            batches, swaps = self._epoch(idx // self.per_epoch)
-            rows = batches[idx % self.per_epoch]
-            out.append((rows, swaps[rows]))
+            out.append(self._epoch(idx // self.per_epoch)[idx % self.per_epoch])
         return out
 
 

@@ -214,3 +214,18 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes_exactly(launch_ru
     assert "resumed from" in again.stdout
     c = _adapter(killed, "fsdp")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_swap_pairs_train_and_resume_deterministically(tiny_llama, tmp_path):
+    cfg = _model_cfg(tiny_llama, "auto")
+    tcfg = TrainConfig(max_steps=4, batch_size=4, grad_accum=1, swap_pairs=True, eval_every=0, checkpoint_every=2,
+                       lr=1e-3, seed=0)
+    data, held = _data(64, 7), _data(8, 8)
+    train.fit(cfg, tcfg, data, held, tmp_path / "a", progress=False)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "fit_config.json", tmp_path / "b")
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000002", tmp_path / "b" / "checkpoints" / "step-000002")
+    train.fit(cfg, tcfg, data, held, tmp_path / "b", progress=False)
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -331,3 +331,20 @@ def test_full_fine_tuning_post_pretrain_starts_the_folds_from_its_checkpoint(sma
     said = []
     again = teacher.post_pretrain(small_run, teacher.teacher_dir(small_run, "fullpre"), cfg, model_cfg, PackConfig(max_length=96), log=said.append)
     assert again.model_dir == first.model_dir and "already done" in said[0]
+
+
+def test_swap_pairs_put_each_row_and_its_swap_in_one_micro_batch():
+    lengths = np.random.default_rng(1).integers(10, 400, size=37)
+    cfg = TrainConfig(epochs=1.0, batch_size=6, grad_accum=2, swap_pairs=True, seed=3)
+    stream = train.Stream(lengths, cfg, world_size=1)
+    micro = [m for s in range(stream.total_steps) for m in stream.step(s)]
+    for rows, swapped in micro:
+        half = len(rows) // 2
+        assert len(rows) <= 6 and rows[:half] == rows[half:]  # the same rows, as is then swapped
+        assert not swapped[:half].any() and swapped[half:].all()
+    seen = [(r, bool(s)) for rows, swapped in micro for r, s in zip(rows, swapped)]
+    assert len(seen) == len(set(seen))  # no row shown twice in one orientation within the epoch
+    again = train.Stream(lengths, cfg, world_size=1)
+    assert [m[0] for s in range(again.total_steps) for m in again.step(s)] == [m[0] for m in micro]
+    with pytest.raises(ValueError, match="even batch_size"):
+        TrainConfig(batch_size=5, swap_pairs=True)
