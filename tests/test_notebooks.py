@@ -67,21 +67,24 @@ def test_eda_notebook_without_data_says_what_to_pass(tmp_path):
                             cwd=str(tmp_path))
 
 
-def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
+def test_teacher_notebook_runs_headless(tokenizer, tmp_path):
     import copy
 
-    from lmsys_lib import modeling
+    from lmsys_lib import modeling, synthetic
+    from lmsys_lib.config import SynthConfig
 
     model_dir = modeling.save_tiny_checkpoint("qwen2", copy.deepcopy(tokenizer), tmp_path / "tiny-qwen2")
+    data_dir = tmp_path / "data"  # 300 rows: every fold trains, is evaluated and scores its training rows
+    synthetic.write(SynthConfig(n_train=300, n_test=20, seed=7), data_dir)
     run_dir = tmp_path / "run"
     pm.execute_notebook(str(NOTEBOOKS / "01_teacher_training.ipynb"), str(tmp_path / "out.ipynb"),
-                        parameters={"run_dir": str(run_dir), "data_dir": str(synth_dir), "model_dir": str(model_dir),
+                        parameters={"run_dir": str(run_dir), "data_dir": str(data_dir), "model_dir": str(model_dir),
                                     "k_folds": 3, "max_length": 128, "lora_r": 4, "lora_alpha": 8, "max_steps": 3,
                                     "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "eval_every": 0,
                                     "checkpoint_every": 0},
                         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     oof = pd.read_parquet(run_dir / "teachers" / "teacher" / "oof.parquet")
-    assert len(oof) == 800 and oof["id"].is_unique
+    assert len(oof) == 300 and oof["id"].is_unique
     executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
 
@@ -94,7 +97,7 @@ def test_teacher_notebook_runs_headless(synth_dir, tokenizer, tmp_path):
                                              "checkpoint_every": 0},
                         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     for name in ("student", "student-labels-only"):
-        assert len(pd.read_parquet(run_dir / "student" / name / "oof.parquet")) == 800
+        assert len(pd.read_parquet(run_dir / "student" / name / "oof.parquet")) == 300
     executed = nbformat.read(tmp_path / "out02.ipynb", as_version=4)
     [cell] = [c for c in executed.cells if c.source.startswith("distill.comparison")]
     comparison = cell.outputs[0]["data"]["text/plain"]

@@ -2,8 +2,9 @@
 targets) → merge → quantize → predict → evaluate, every later stage finding its inputs in the run folder.
 
 Pointed at the small real models (`lmsys fetch-models`) and shrunk with `--set` (64 tokens, 2 steps): the
-commands, configs and run-folder layout are the recipe's own. On the real competition rows the teacher's two
-folds are trained in two run folders at different paths (two machines) and gathered into one.
+commands, configs and run-folder layout are the recipe's own. On the real competition rows, with the teacher's
+two folds trained in two run folders at different paths (two machines) and gathered into one; it ends with a
+submission for the real test rows. (The embedded default goes through the same stages in `lmsys demo`.)
 """
 
 from __future__ import annotations
@@ -38,27 +39,20 @@ def _teacher(run: str, cwd: Path, model: str, *extra: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["real", "embedded"])
-def test_prototype_recipe_runs_from_the_cli_alone(source, tmp_path, real_sample):
-    if source == "real":
-        train_csv, teacher_model = real_sample / "train_head_100.csv", "zoo:gemma3-270m"
-    else:
-        lmsys("synth", "--out", str(tmp_path / "default"), "--rows", "160", "--test-rows", "12", cwd=tmp_path)
-        train_csv, teacher_model = tmp_path / "default" / "train.csv", "zoo:smollm2-135m"
+def test_prototype_recipe_runs_from_the_cli_alone(tmp_path, real_sample):
+    train_csv, teacher_model = real_sample / "train_head_100.csv", "zoo:gemma3-270m"
     out = lmsys("prepare", "--train", str(train_csv), "--run-dir", "run", "--folds", "2", "--holdout", "0.2",
                 cwd=tmp_path)
     assert "holdout rows" in out
-    if source == "real":  # fold 0 here, fold 1 on "another machine" (another path), gathered
-        _teacher("run", tmp_path, teacher_model, "--folds", "0")
-        shutil.copytree(tmp_path / "run" / "data", tmp_path / "node2" / "run" / "data")
-        shutil.copytree(tmp_path / "run" / "config", tmp_path / "node2" / "run" / "config")
-        _teacher("run", tmp_path / "node2", teacher_model, "--folds", "1")
-        shutil.copytree(tmp_path / "node2" / "run" / "teachers" / "gemma2-2b" / "fold1",
-                        tmp_path / "run" / "teachers" / "gemma2-2b" / "fold1")
-        out = _teacher("run", tmp_path, teacher_model)
-        assert out.count("already trained — skipped") == 2
-    else:
-        out = _teacher("run", tmp_path, teacher_model)
+    # fold 0 here, fold 1 on "another machine" (another path), gathered
+    _teacher("run", tmp_path, teacher_model, "--folds", "0")
+    shutil.copytree(tmp_path / "run" / "data", tmp_path / "node2" / "run" / "data")
+    shutil.copytree(tmp_path / "run" / "config", tmp_path / "node2" / "run" / "config")
+    _teacher("run", tmp_path / "node2", teacher_model, "--folds", "1")
+    shutil.copytree(tmp_path / "node2" / "run" / "teachers" / "gemma2-2b" / "fold1",
+                    tmp_path / "run" / "teachers" / "gemma2-2b" / "fold1")
+    out = _teacher("run", tmp_path, teacher_model)
+    assert out.count("already trained — skipped") == 2
     run = tmp_path / "run"
     assert (run / "teachers" / "gemma2-2b" / "oof.parquet").exists() and "temperature T =" in out
     assert all((run / "teachers" / "gemma2-2b" / f"fold{k}" / "train_logits.parquet").exists() for k in (0, 1))
@@ -90,7 +84,7 @@ def test_prototype_recipe_runs_from_the_cli_alone(source, tmp_path, real_sample)
     assert list(pred["id"]) == list(holdout["id"])
     out = lmsys("evaluate", "--run-dir", "run", "--pred", "run/predict/holdout_submission.csv", cwd=tmp_path)
     assert f"{len(holdout)} rows, log loss" in out
-    if source == "embedded":  # and the submission itself, on the test file
-        lmsys("predict", "--run-dir", "run", "--data", "default/test.csv", "--out", "submission.csv", "--max-length",
-              "64", cwd=tmp_path)
-        assert parsing.validate_file(tmp_path / "submission.csv", test_path=tmp_path / "default" / "test.csv").ok
+    # and the submission itself, on the real test rows
+    lmsys("predict", "--run-dir", "run", "--data", str(real_sample / "test.csv"), "--out", "submission.csv",
+          "--max-length", "64", cwd=tmp_path)
+    assert parsing.validate_file(tmp_path / "submission.csv", test_path=real_sample / "test.csv").ok
