@@ -202,7 +202,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             raise ValueError("--run-dir merges the run's own folds into a checkpoint: leave out --adapters, "
                              "--folds-dir and --form")
         out = merge.run(args.run_dir, args.name, base=args.base, out_dir=args.out,
-                        max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), force=args.force, storage=args.storage)
+                        max_shard_bytes=int(args.max_shard_gb * 1024 ** 3), force=args.force,
+                        storage=args.storage or "fp32")
         print(out)
         return 0
     if not (args.adapters or args.folds_dir) or not args.base or not args.out:
@@ -211,7 +212,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     base = resolve_model_dir(args.base)
     if args.form == "checkpoint":
         out = merge.merge_exact(base, adapters, args.out, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3),
-                                storage=args.storage)
+                                storage=args.storage or "fp32")
+    elif args.storage:
+        raise ValueError("--storage sets the merged checkpoint's dtype: --form adapter keeps the fold adapters' own")
     else:
         out = merge.exact_adapter(adapters, args.out)
     error = merge.weight_error(adapters)
@@ -555,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--form", choices=("checkpoint", "adapter"), default="checkpoint",
                    help="checkpoint: plain HF model (default); adapter: the exact stacked LoRA (rank Σ r_k)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="output shard size (checkpoint form)")
-    p.add_argument("--storage", choices=("fp32", "fp16", "bf16", "base"), default="fp32",
+    # default None (read as fp32), so that --storage with --form adapter can be refused
+    p.add_argument("--storage", choices=("fp32", "fp16", "bf16", "base"), default=None,
                    help="dtype of the merged weights (checkpoint form): fp32 (default, GPTQ's input: a LoRA update is "
                         "often below bf16's resolution of the weight), fp16, bf16, or the base's")
     p.set_defaults(fn=_cmd_merge)

@@ -432,7 +432,9 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_di
     switched on it, so a 9B needs one 16-bit copy — a 24 GB GPU — at a time. The merged model is then scored
     once per storage dtype (``storages``; default: every one the merged checkpoint can show — fp32, fp16 and
     bf16 for an fp32 merge): ``kl_ensemble_exact_<dtype>`` says how much of the ensemble each storage keeps;
-    ``kl_ensemble_exact`` is the merge as stored.
+    ``kl_ensemble_exact`` is the merge as stored. Each is run in the compute dtype, so a storage wider than
+    it cannot show more than it: on a GPU (fp16) the fp32 and fp16 rows are the same model — run on a CPU in
+    fp32 (``dtype="fp32"``) to see all three apart.
     """
     import gc
 
@@ -477,6 +479,9 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_di
     if device.type == "cuda":
         torch.cuda.empty_cache()
     stored = _stored_dtype(merged_dir)
+    unknown = sorted(set(storages or ()) - set(_DTYPE_BITS))
+    if unknown:
+        raise ValueError(f"storages {unknown}: expected some of {sorted(_DTYPE_BITS)}")
     storages = list(storages) if storages else [d for d in ("fp32", "fp16", "bf16") if _DTYPE_BITS[d] <= _DTYPE_BITS[stored]]
     by_storage = {d: _merged_probs(merged_dir, d, compute, placement, device, probs_of) for d in storages}
     exact = by_storage.get(stored)

@@ -164,15 +164,15 @@ def attention_for(model_config: Any, requested: str = "auto", device: Any = "cpu
 
 
 def flash_attention_usable(device: Any) -> bool:
-    """Whether flash-attention-2 runs on ``device``: a CUDA GPU of sm >= 80 with ``flash_attn`` installed."""
-    import importlib.util
-
+    """Whether flash-attention-2 runs on ``device``: a CUDA GPU of sm >= 80 with a ``flash_attn`` that
+    transformers can import (an install built for another torch fails that check, and eager is used)."""
     import torch
+    from transformers.utils import is_flash_attn_2_available
 
     device = torch.device(device)
-    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    return is_flash_attn_2_available()
 
 
 def autocast(device: Any, dtype: Any) -> Any:
@@ -185,6 +185,13 @@ def autocast(device: Any, dtype: Any) -> Any:
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _frozen_to(model: Any, dtype: Any) -> None:
+    """Cast frozen floating tensors that are not 4-bit storage to ``dtype``."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
 
 
 def upcast_trainable(model: Any) -> list[str]:
@@ -269,7 +276,7 @@ def load_classifier(cfg: ModelConfig, device: Any = "cpu", tokenizer: Any = None
     set_pad(model, tokenizer)
     if cfg.head_init == "scaled" and any(k.split(".")[0] == "score" for k in info["missing_keys"]):
         init_head(model)
-    model = attach_adapters(model, cfg)
+    model = attach_adapters(model, cfg, compute)
     upcast_trainable(model)
     return model, tokenizer
 
@@ -312,15 +319,19 @@ def nf4_config(compute_dtype: Any) -> Any:
 GRADIENT_CHECKPOINTING = {"use_reentrant": False}  # non-reentrant: works with frozen inputs, no hooks needed
 
 
-def attach_adapters(model: Any, cfg: ModelConfig) -> Any:
+def attach_adapters(model: Any, cfg: ModelConfig, compute: Any = None) -> Any:
     """LoRA on ``cfg.target_modules`` + a fully trained score head; or everything trainable (r = 0).
     Gradient checkpointing, when asked, is enabled once, non-reentrant (for QLoRA through
-    ``prepare_model_for_kbit_training``, which would otherwise re-enable it reentrant)."""
+    ``prepare_model_for_kbit_training``, which would otherwise re-enable it reentrant). For QLoRA the frozen
+    16-bit tensors (embeddings, norms), which that call upcasts to fp32, go back to ``compute``: under
+    autocast fp32 copies buy nothing and cost 2 bytes a weight (~2 GiB at 70B)."""
     if cfg.quantization == "nf4":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
+        if compute is not None:
+            _frozen_to(model, compute)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
     if cfg.lora_r == 0:

@@ -57,7 +57,8 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
     base_cfg = dataclasses.replace(model_cfg, model_dir=model_dir, quantization="none")
     start = time.perf_counter()
     fit(base_cfg, train_cfg, train, evaluation, work / "lora16", accelerator=accelerator, progress=False, log=log)
-    merged = merge.merge_exact(model_dir, [work / "lora16" / "adapter"], work / "merged16", log=log)
+    # stored as the base (16-bit): the row is the 16-bit model, and its size on disk a 16-bit checkpoint's
+    merged = merge.merge_exact(model_dir, [work / "lora16" / "adapter"], work / "merged16", log=log, storage="base")
     prep16 = time.perf_counter() - start
     start = time.perf_counter()
     calib, summary = quantize.calibration_set(train_frame[~held], tokenizer, quant_cfg, pack_cfg)

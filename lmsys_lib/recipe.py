@@ -12,9 +12,10 @@ memory. Parameter counts are exact: the model's ``config.json`` (shipped in ``lm
 the recipe's hub ids, architecture only, no weights; a local folder's own) is instantiated on the meta device,
 and the LoRA count is Σ r·(in + out) over the targeted linear layers plus the score head.
 
-Memory per GPU (training): weights (nf4 ≈ 0.55 B per linear weight, 16-bit 2 B; other tensors 2 B) + trainable
-tensors × 16 B (fp32 master, gradient, AdamW m and v) — both divided by the process count under FSDP, whole on
-every GPU under DDP — + activations at the configured micro-batch × max_length (with gradient checkpointing
+Memory per GPU (training): frozen weights (nf4 ≈ 0.55 B per linear weight, 16-bit 2 B; other tensors 2 B; none
+under full fine-tuning, whose weights are the fp32 masters) + trainable tensors × 16 B (fp32 master, gradient,
+AdamW m and v) — both divided by the process count under FSDP, whole on every GPU under DDP; under FSDP at
+least the load peak, a whole copy (frozen weights + fp32 masters) on each GPU before it is sharded — + activations at the configured micro-batch × max_length (with gradient checkpointing
 each layer's input, 2·b·s·h bytes, plus one layer's working set 34·b·s·h bytes, plus 5·heads·b·s² for eager
 attention's scores; without it every layer's working set) + 1.5 GiB (CUDA context, workspace).
 """
@@ -164,18 +165,19 @@ def training_memory(counts: dict[str, Any], cfg: Any, stage: RecipeStage) -> dic
     nf4 = cfg.model.quantization == "nf4"
     weights = counts["linear"] * (0.55 if nf4 else 2.0) + (counts["classifier"] - counts["linear"]) * 2.0
     if cfg.model.lora_r == 0:
-        weights = 0.0  # full fine-tuning: the weights are the trainable fp32 masters below (+ a 16-bit copy)
-        weights += counts["classifier"] * 2.0
+        weights = 0.0  # full fine-tuning: every weight is a trainable fp32 master (below)
     trainable = counts["trainable"] * 16.0
-    if stage.engine == "fsdp":
+    load_peak = 0.0
+    if stage.engine == "fsdp":  # each process loads a whole copy, then keeps 1/processes of it
+        load_peak = weights + counts["trainable"] * 4.0
         weights, trainable = weights / stage.processes, trainable / stage.processes
     b, s, h, layers = cfg.train.batch_size, cfg.pack.max_length, counts["hidden"], counts["layers"]
     eager = attention_of(cfg.model.attn_implementation, bool(counts["softcap"]), stage.hardware) == "eager"
     working = 34 * b * s * h + (5 * counts["heads"] * b * s * s if eager else 0)
     activations = (layers * 2 * b * s * h + working) if cfg.model.gradient_checkpointing else layers * working
-    total = weights + trainable + activations + notebook.OVERHEAD_GIB * GIB
+    total = max(weights + trainable + activations, load_peak) + notebook.OVERHEAD_GIB * GIB
     return {"weights": weights / GIB, "trainable": trainable / GIB, "activations": activations / GIB,
-            "total": total / GIB, "eager": eager}
+            "load_peak": load_peak / GIB, "total": total / GIB, "eager": eager}
 
 
 # -- the runbook ---------------------------------------------------------------------------------------
@@ -266,7 +268,9 @@ def _training_plan(entry: dict[str, Any], cfg: Any, stage: RecipeStage, recipe: 
                           f"{training_memory(counts, _with_attention(cfg, 'eager'), stage)['total']:.1f} GiB)"
                           if attention_of(cfg.model.attn_implementation, bool(counts["softcap"]), stage.hardware)
                           == "flash_attention_2" else "")
-                       + (", checkpointed" if cfg.model.gradient_checkpointing else "") + " + 1.5)")
+                       + (", checkpointed" if cfg.model.gradient_checkpointing else "") + " + 1.5"
+                       + (f"; at least the load peak, a whole copy: {memory['load_peak']:.1f}" if memory["load_peak"]
+                          else "") + ")")
     micro = cfg.train.global_batch or cfg.train.batch_size * cfg.train.grad_accum * stage.processes
     detail.append(f"global batch {micro} rows = {stage.processes} process(es) × {cfg.train.batch_size} rows × "
                   f"{micro // (cfg.train.batch_size * stage.processes)} micro-batches; lr {cfg.train.lr:g}")

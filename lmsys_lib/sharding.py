@@ -1,13 +1,19 @@
-"""FSDP (torch's FSDP2, ``fully_shard``) for training a model whose weights, fp32 masters and AdamW state do
-not fit one GPU — full fine-tuning or 16-bit LoRA of a large model. (The recipes need none: a 4-bit 70B
-teacher and the 9B student each fit one 80 GB GPU, and DDP is simpler and faster there.)
+"""FSDP (torch's FSDP2, ``fully_shard``) for training whose fp32 masters, gradients and AdamW state (16 bytes
+per trainable weight) do not fit one GPU: full fine-tuning of a model whose fp32 copy still loads on one
+GPU (each process loads a whole copy before sharding it). The recipes need none — a 4-bit 70B teacher and
+the 9B LoRA student each fit one 80 GB GPU, where DDP is simpler and faster — and LoRA gains little from it:
+its trainable part is small.
 
 Contract:
-- ``shard(model, mesh_device)`` shards every decoder layer, then the rest, over all processes (dim 0 of each
+- ``shard(model)`` shards every decoder layer, then the rest, over all processes (dim 0 of each
   parameter; parameter names are unchanged). Trainable tensors are fp32 masters (``modeling``); forwards run
   under the loop's autocast, so FSDP itself casts nothing.
 - Every function here that touches sharded parameters is a collective: all processes call it, in the same
-  order (``full_trainable``, ``load_full_trainable``).
+  order (``full_trainable``, ``load_full_trainable``). Whole tensors are gathered one at a time and kept only
+  where asked (rank 0, to save), and loaded one tensor at a time from a safetensors file, so no process holds
+  more than one whole tensor on the host.
+- Gradients are reduce-scattered after every micro-batch: FSDP2 would otherwise keep whole, unsharded
+  gradients between the micro-batches of a step (4 bytes per weight: what sharding is there to avoid).
 - Checkpoints hold each process's own shards (``local_trainable``, ``local_optimizer``) as safetensors — no
   torch.distributed.checkpoint (its metadata is pickled) — so a run resumes on the same process count.
 - Without sharded parameters every function is the plain single-copy operation, so the DDP path and the
@@ -30,7 +36,17 @@ def decoder_layers(model: Any) -> list[Any]:
 def shard(model: Any) -> Any:
     """FSDP2 over the default process group: each decoder layer is one unit (its parameters all-gathered
     just before it runs, freed after), the embeddings, final norm and head the root unit."""
-    from torch.distributed.fsdp import fully_shard
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        import torch
+
+        raise RuntimeError(f"train.fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}") from None
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        raise ValueError("train.fsdp shards over several processes: launch with accelerate (a MULTI_GPU config, "
+                         "e.g. configs/accelerate/8xA100-fsdp.yaml) — one process has nothing to shard over")
 
     layers = decoder_layers(model)
     if not layers:
@@ -42,51 +58,61 @@ def shard(model: Any) -> Any:
 
 
 def is_sharded(model: Any) -> bool:
-    """Whether ``model`` was sharded by ``shard`` (FSDP2 turns its class into an ``FSDPModule``)."""
-    from torch.distributed.fsdp import FSDPModule
-
+    """Whether ``model`` was sharded by ``shard`` (FSDP2 turns its class into an ``FSDPModule``; a torch
+    without FSDP2 has never sharded anything)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
     return isinstance(model, FSDPModule)
 
 
 def trainable(model: Any) -> dict[str, Any]:
     """Name → parameter of every trainable tensor. A sharded model is resharded first: FSDP2 leaves the root
     unit's parameters whole (plain tensors on a buffer it frees later) after a forward."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    if is_sharded(model):
+        for module in model.modules():
+            if is_sharded(module):
+                module.reshard()
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def full_trainable(model: Any) -> dict[str, Any]:
-    """Name → the whole trainable tensor, detached on the CPU (a collective when sharded: every process gets it)."""
+def full_trainable(model: Any, keep: bool = True) -> dict[str, Any]:
+    """Name → the whole trainable tensor, detached on the CPU. When sharded, a collective: each tensor is
+    gathered in turn on every process and kept only where ``keep`` (the others get an empty dict)."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, p in trainable(model).items():
         value = p.detach()
-        out[name] = (value.full_tensor() if isinstance(value, DTensor) else value).to("cpu", copy=True).contiguous()
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        if keep:
+            out[name] = whole.to("cpu", copy=True).contiguous()
+        del whole
     return out
 
 
-def load_full_trainable(model: Any, weights: dict[str, Any]) -> None:
-    """Copy whole trainable tensors into ``model`` (each process keeps its own shard of each)."""
+def load_full_trainable(model: Any, path: Any) -> None:
+    """Copy the whole trainable tensors saved in the safetensors file ``path`` into ``model``, one tensor at a
+    time (each process keeps its own shard of each)."""
     import torch
+    from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = trainable(model)
-    missing = sorted(set(params) ^ set(weights))
-    if missing:
-        raise ValueError(f"the weights do not match the model's trainable tensors: {missing[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            value = weights[name]
-            if isinstance(p, DTensor):
-                local = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements).to_local()
-                p.to_local().copy_(local.to(p.device))
-            else:
-                p.copy_(value.to(p.device))
+    with safe_open(str(path), framework="pt") as f:
+        missing = sorted(set(params) ^ set(f.keys()))
+        if missing:
+            raise ValueError(f"{path} does not match the model's trainable tensors: {missing[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                value = f.get_tensor(name)
+                if isinstance(p, DTensor):
+                    local = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements).to_local()
+                    p.to_local().copy_(local)
+                else:
+                    p.copy_(value.to(p.device))
+                del value
 
 
 def local_trainable(model: Any) -> dict[str, Any]:
@@ -140,9 +166,3 @@ def sharded_optimizer(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
                          if hasattr(v, "shape") and v.shape == local.shape else v) for k, v in entry.items()}
         out[idx] = entry
     return {"state": out, "param_groups": state["param_groups"]}
-
-
-def gradient_sync(model: Any, enabled: bool) -> None:
-    """FSDP2: reduce-scatter gradients only on a step's last micro-batch (accumulate locally before)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)

@@ -159,6 +159,10 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
 
     accelerator = accelerator or Accelerator()
     refuse_fsdp(accelerator)
+    if accelerator.mixed_precision != "no":  # it would autocast and scale the loss a second time
+        raise ValueError(f"accelerate's mixed_precision is {accelerator.mixed_precision!r}: lmsys_lib runs its own "
+                         "autocast over fp32 masters (model.dtype) — launch with mixed_precision 'no' (the configs "
+                         "in configs/accelerate/ do; unset $ACCELERATE_MIXED_PRECISION and --mixed_precision)")
     if train_cfg.fsdp and model_cfg.quantization == "nf4":
         raise ValueError("train.fsdp with a 4-bit (nf4) base is not supported: a 4-bit model fits one GPU per "
                          "process — train it with DDP (configs/accelerate/8xA100-ddp-qlora.yaml)")
@@ -302,10 +306,8 @@ class _Loop:
 
     def _score_train(self, state: dict[str, Any], train: TrainData) -> None:
         """The kept model's logits on its own training rows → train_logits.parquet."""
-        from safetensors.torch import load_file
-
         if state["best_step"] != state["step"]:  # the last step is not the kept one: load the kept weights
-            sharding.load_full_trainable(self.acc.unwrap_model(self.model), load_file(self.out_dir / BEST_WEIGHTS))
+            sharding.load_full_trainable(self.acc.unwrap_model(self.model), self.out_dir / BEST_WEIGHTS)
         logits = predict_logits(self.acc, self.model, train.ids, self.pad_id, self.cfg.eval_batch_size,
                                 self.precision.compute)
         if self.acc.is_main_process:
@@ -327,9 +329,7 @@ class _Loop:
         total_loss, total_rows = 0.0, 0
         for j, (rows, swapped) in enumerate(mine):
             batch = self._batch(train, rows, swapped)
-            last = j == len(mine) - 1
-            if self.sharded:  # FSDP2: reduce-scatter once per step, on its last micro-batch
-                sharding.gradient_sync(self.model, last)
+            last = j == len(mine) - 1  # FSDP reduce-scatters every micro-batch (sharding's contract)
             sync = nullcontext() if last or self.sharded else self.acc.no_sync(self.model)
             with sync:
                 with self.precision.autocast():
@@ -365,11 +365,14 @@ class _Loop:
         if state["best_loss"] is None or loss < state["best_loss"]:
             state["best_loss"], state["best_step"] = loss, state["step"]
             model = self.acc.unwrap_model(self.model)
-            whole = sharding.full_trainable(model) if self.sharded else None  # a collective: every process
-            if self.acc.is_main_process:
+            main = self.acc.is_main_process
+            # sharded: a collective on every process, whole tensors kept by rank 0 alone
+            whole = sharding.full_trainable(model, keep=main) if self.sharded else None
+            if main:
                 save_adapter(model, self.out_dir / "adapter", whole)
                 if self.score_train:  # the kept weights, to score the training rows with after the last step
-                    _save_weights(whole or sharding.full_trainable(model), self.out_dir / BEST_WEIGHTS)
+                    _save_weights(whole if whole is not None else sharding.full_trainable(model),
+                                  self.out_dir / BEST_WEIGHTS)
                 pd.DataFrame({"id": held_out.row_ids, "logit_a": logits[:, 0], "logit_b": logits[:, 1],
                               "logit_tie": logits[:, 2]}).to_parquet(self.out_dir / "eval_logits.parquet")
         self.acc.wait_for_everyone()
@@ -411,10 +414,12 @@ def predict_logits(accelerator: Any, model: Any, ids: list[np.ndarray], pad_id: 
     length-sorted and shared between processes."""
     from .modeling import logits_of_batches
 
+    if not ids:  # the same on every process: no forward, no collective
+        return np.zeros((0, 3), dtype=np.float32)
     batches = batching.sorted_batches([len(x) for x in ids], batch_size)
     mine = batches[accelerator.process_index:: accelerator.num_processes]
     per_process = -(-len(batches) // accelerator.num_processes)
-    filler = [mine[-1] if mine else batches[-1]] * (per_process - len(mine))  # equal forwards on every process
+    filler = [(mine or batches)[-1]] * (per_process - len(mine))  # equal forwards on every process
     results = logits_of_batches(model, ids, mine + filler, pad_id, accelerator.device, dtype)[:len(mine)]
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object

@@ -44,3 +44,12 @@ def test_floors_cover_the_apis_used_and_are_installed():
     assert floor["tokenizers"] >= Version("0.15")  # Tokenizer.encode_special_tokens
     for name, req in project.items():
         assert req.specifier.contains(version(name), prereleases=True), f"{name} {version(name)} vs {req}"
+
+
+def test_the_torch_floor_is_stated_and_met():
+    """torch is not installed from these files (the images ship it; setup.sh pins the CPU wheel), but the
+    code needs >= 2.6: torch.amp.GradScaler on any device, FSDP2's public fully_shard / FSDPModule."""
+    import torch
+
+    assert "torch itself: >= 2.6" in (ROOT / "requirements.txt").read_text()
+    assert Version(torch.__version__.split("+")[0]) >= Version("2.6")

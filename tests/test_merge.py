@@ -175,7 +175,7 @@ def test_fidelity_report_switches_adapters_on_one_base_and_scores_each_storage(t
     _small_updates(adapters, 3e-3, same_head=True)  # small, as trained folds' are: the mean ≈ the ensemble
     merged = merge.merge_exact(base, adapters, tmp_path / "merged", log=lambda _: None)
     report = merge.fidelity_report(base, adapters, merged, synth_frame.iloc[:16], PackConfig(max_length=160),
-                                   log=lambda _: None)
+                                   log=lambda _: None, device="cpu", dtype="fp32")
     assert report["storage_dtype"] == "fp32" and report["dtype"] == "float32"
     assert {"kl_ensemble_exact_fp32", "kl_ensemble_exact_fp16", "kl_ensemble_exact_bf16"} <= set(report)
     assert report["kl_ensemble_exact"] == report["kl_ensemble_exact_fp32"]

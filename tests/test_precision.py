@@ -44,7 +44,7 @@ def _head(weights: dict) -> torch.Tensor:
     return weights[key].float()
 
 
-def test_bf16_base_keeps_fp32_masters_and_every_head_weight_moves_at_lr_1e5(tiny_llama, tmp_path):
+def test_bf16_base_keeps_fp32_masters_and_every_head_weight_moves_at_lr_1e5(tiny_llama, tmp_path, monkeypatch):
     """A bf16-stored head updated in place at lr 1e-5 keeps most of its weights (an update below half a bf16
     ulp of a 0.02-sized weight rounds away); the fp32 master moves every one of them."""
     cfg = _model_cfg(tiny_llama, "bf16")
@@ -61,22 +61,52 @@ def test_bf16_base_keeps_fp32_masters_and_every_head_weight_moves_at_lr_1e5(tiny
     assert metrics["compute_dtype"] == "bfloat16" and metrics["skipped_steps"] == 0
     moved = (end != start).float().mean().item()
     assert moved == 1.0, f"only {moved:.0%} of the head's weights moved"
-    # the same 20 steps of ~lr-sized updates in a bf16 master: one step's change is below half an ulp
-    half_ulp = start.abs() * 2.0 ** -8
-    assert (half_ulp > 1e-5).float().mean() > 0.5  # most weights would never move in bf16
+    # the same 20 steps with the trainable tensors left in bf16 (the masters switched off): most never move
+    monkeypatch.setattr(modeling, "upcast_trainable", lambda model: [])
+    train.fit(cfg, tcfg, _data(160, 1), _data(24, 2), tmp_path / "bf16-masters", progress=False)
+    naive = _head(load_file(tmp_path / "bf16-masters" / "adapter" / "adapter_model.safetensors"))
+    assert (naive != start).float().mean().item() < 0.5
 
 
-def test_fp16_autocast_with_loss_scaling_trains_50_steps_finite_and_counts_skips(tiny_llama, tmp_path):
+def test_fp16_autocast_with_loss_scaling_trains_50_steps_finite_and_counts_skips(tiny_llama, tmp_path, monkeypatch):
     cfg = _model_cfg(tiny_llama, "fp16")
     tcfg = TrainConfig(max_steps=50, batch_size=8, grad_accum=1, lr=1e-3, eval_every=25, checkpoint_every=0,
                        seed=0)
     metrics = train.fit(cfg, tcfg, _data(400, 3), _data(48, 4), tmp_path / "fold", progress=False)
     assert metrics["compute_dtype"] == "float16" and metrics["steps"] == 50
-    assert isinstance(metrics["skipped_steps"], int) and metrics["skipped_steps"] < 50
+    assert isinstance(metrics["skipped_steps"], int) and metrics["skipped_steps"] < 25  # counted: see below
     assert metrics["loss_scale"] is not None and metrics["loss_scale"] > 0
     assert all(np.isfinite([h["train_loss"], h["eval_log_loss"]]).all() for h in metrics["history"])
     weights = load_file(tmp_path / "fold" / "adapter" / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    # the same run with fp16 masters and no loss scaling goes NaN before its first evaluation
+    monkeypatch.setattr(modeling, "upcast_trainable", lambda model: [])
+    monkeypatch.setattr(train.Precision, "for_device", classmethod(lambda cls, device, compute: cls(device, compute)))
+    with pytest.raises(ValueError, match="finite"):
+        train.fit(cfg, tcfg, _data(400, 3), _data(48, 4), tmp_path / "unscaled", progress=False)
+
+
+def test_an_overflowing_fp16_step_is_skipped_counted_and_the_scale_halved():
+    """The loop's step through the scaler: gradients that overflow fp16 leave the weights as they were."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 3)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    precision = train.Precision.for_device("cpu", torch.float16)
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # any gradient overflows at this scale
+    before = layer.weight.detach().clone()
+    with precision.autocast():
+        loss = layer(torch.randn(4, 8)).float().sum()
+    precision.scale(loss).backward()
+    precision.scaler.unscale_(opt)
+    assert precision.step(opt) is True and torch.equal(layer.weight, before)
+    assert precision.scaler.get_scale() == 2.0 ** 99
+    with precision.autocast():
+        loss = layer(torch.randn(4, 8)).float().sum()
+    opt.zero_grad()
+    precision.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    precision.scale(loss).backward()
+    precision.scaler.unscale_(opt)
+    assert precision.step(opt) is False and not torch.equal(layer.weight, before)
 
 
 def test_fp16_resume_restores_the_scaler_and_ends_bit_identical(tiny_llama, tmp_path):
@@ -104,11 +134,36 @@ def _checkpointing_calls(model) -> list:
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_gradient_checkpointing_is_enabled_once_and_non_reentrant(tiny_llama, quantization):
+def test_gradient_checkpointing_is_enabled_once_and_non_reentrant(tiny_llama, quantization, monkeypatch):
+    from transformers import PreTrainedModel
+
+    enabled = []
+    real = PreTrainedModel.gradient_checkpointing_enable
+
+    def counted(self, gradient_checkpointing_kwargs=None, **kwargs):  # the real method (same signature), counted
+        enabled.append(gradient_checkpointing_kwargs)
+        return real(self, gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", counted)
     cfg = _model_cfg(tiny_llama, "auto", gradient_checkpointing=True, quantization=quantization)
     model, _ = modeling.load_classifier(cfg)
     calls = _checkpointing_calls(model)
     assert calls and all(c.keywords.get("use_reentrant") is False for c in calls)
+    assert enabled == [{"use_reentrant": False}]  # once
+
+
+def test_qlora_keeps_frozen_16_bit_tensors_in_the_compute_dtype(tiny_llama):
+    """prepare_model_for_kbit_training upcasts embeddings and norms to fp32; under autocast they go back."""
+    model, _ = modeling.load_classifier(_model_cfg(tiny_llama, "bf16", quantization="nf4"))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and type(p).__name__ != "Params4bit"}
+    assert frozen == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_predict_logits_of_no_rows_is_empty():
+    from accelerate import Accelerator
+
+    assert train.predict_logits(Accelerator(cpu=True), None, [], 0, 8).shape == (0, 3)
 
 
 def test_rng_states_round_trip_on_the_cpu():
@@ -176,6 +231,13 @@ def test_shipped_ddp_configs_train_on_two_processes(launch_run, tmp_path, config
     assert (metrics["loss_scale"] is not None) == (model["dtype"] == "fp16")
 
 
+def test_fsdp_on_one_process_and_accelerates_mixed_precision_are_refused(launch_run, tmp_path):
+    one = _launch(launch_run, tmp_path, ["--num_processes", "1"], "one", {}, train={"fsdp": True})
+    assert one.returncode != 0 and "one process has nothing to shard over" in one.stderr
+    doubled = _launch(launch_run, tmp_path, ["--num_processes", "1", "--mixed_precision", "bf16"], "amp", {})
+    assert doubled.returncode != 0 and "mixed_precision is 'bf16'" in doubled.stderr
+
+
 def test_accelerates_fsdp_plugin_is_refused_before_any_model_loads(launch_run, tmp_path):
     proc = _launch(launch_run, tmp_path, ["--use_fsdp", "--num_processes", "2", "--mixed_precision", "no"],
                    "plugin", {})
@@ -184,19 +246,24 @@ def test_accelerates_fsdp_plugin_is_refused_before_any_model_loads(launch_run, t
 
 
 def _adapter(run: Path, name: str) -> dict:
-    return load_file(run / "teachers" / name / "fold0" / "adapter" / "adapter_model.safetensors")
+    folder = run / "teachers" / name / "fold0" / "adapter"
+    return load_file(next(f for f in (folder / "adapter_model.safetensors", folder / "model.safetensors") if f.exists()))
+
+
+FULL = {"lora_r": 0, "gradient_checkpointing": True}  # what FSDP is for: every weight an fp32 master
 
 
 def test_fsdp_on_two_processes_matches_one_process_and_resumes_exactly(launch_run, tmp_path):
-    """FSDP2 (train.fsdp) over 2 CPU processes trains what 1 unsharded process trains (same global batch);
-    killed after its first checkpoint and resumed, it ends bit-identical to its uninterrupted run."""
+    """FSDP2 (train.fsdp) over 2 CPU processes, full fine-tuning with gradient checkpointing, trains what 1
+    unsharded process trains (same global batch); killed after its first checkpoint and resumed, it ends
+    bit-identical to its uninterrupted run."""
     cpu2 = ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu2.yaml")]
     fsdp = {"fsdp": True}
-    proc = _launch(launch_run, tmp_path, cpu2, "fsdp", {}, train=fsdp)
+    proc = _launch(launch_run, tmp_path, cpu2, "fsdp", FULL, train=fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((launch_run / "teachers" / "fsdp" / "fold0" / "metrics.json").read_text())
     assert metrics["fsdp"] and metrics["processes"] == 2 and metrics["rank_checksums"] == []
-    single = _launch(launch_run, tmp_path, ["--num_processes", "1"], "single", {})
+    single = _launch(launch_run, tmp_path, ["--num_processes", "1"], "single", FULL)
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = _adapter(launch_run, "fsdp"), _adapter(launch_run, "single")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -208,7 +275,7 @@ def test_fsdp_on_two_processes_matches_one_process_and_resumes_exactly(launch_ru
     shutil.copy(fold / "fit_config.json", copied)
     assert {p.name for p in (fold / "checkpoints" / "step-000002").glob("*-rank*.safetensors")} >= {
         "trainable-rank0.safetensors", "trainable-rank1.safetensors", "optimizer-rank0.safetensors"}
-    again = _launch(killed, tmp_path, cpu2, "fsdp", {"model_dir": str(launch_run / "models" / "tiny-llama")},
+    again = _launch(killed, tmp_path, cpu2, "fsdp", FULL | {"model_dir": str(launch_run / "models" / "tiny-llama")},
                     train=fsdp)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout
