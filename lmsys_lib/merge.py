@@ -447,6 +447,8 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_di
     from .prompting import Packer
     from .quantize import resolve_device
 
+    if isinstance(storages, str) or sorted(set(storages or ()) - set(_DTYPE_BITS)):
+        raise ValueError(f"storages {storages!r}: expected a list of some of {sorted(_DTYPE_BITS)}")
     base_dir, merged_dir, device = Path(base_dir), Path(merged_dir), resolve_device(device)
     compute = compute_dtype(device, dtype, log)
     work = Path(work_dir) if work_dir else merged_dir.parent / "merge-work"  # the naive adapter, kept to look at
@@ -479,9 +481,6 @@ def fidelity_report(base_dir: str | Path, adapter_dirs: AdapterSource, merged_di
     if device.type == "cuda":
         torch.cuda.empty_cache()
     stored = _stored_dtype(merged_dir)
-    unknown = sorted(set(storages or ()) - set(_DTYPE_BITS))
-    if unknown:
-        raise ValueError(f"storages {unknown}: expected some of {sorted(_DTYPE_BITS)}")
     storages = list(storages) if storages else [d for d in ("fp32", "fp16", "bf16") if _DTYPE_BITS[d] <= _DTYPE_BITS[stored]]
     by_storage = {d: _merged_probs(merged_dir, d, compute, placement, device, probs_of) for d in storages}
     exact = by_storage.get(stored)

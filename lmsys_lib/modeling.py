@@ -170,9 +170,13 @@ def flash_attention_usable(device: Any) -> bool:
     from transformers.utils import is_flash_attn_2_available
 
     device = torch.device(device)
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8 or not is_flash_attn_2_available():
         return False
-    return is_flash_attn_2_available()
+    try:  # the availability check only finds the package: an install built for another torch fails here
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def autocast(device: Any, dtype: Any) -> Any:
@@ -187,10 +191,14 @@ def autocast(device: Any, dtype: Any) -> Any:
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
-def _frozen_to(model: Any, dtype: Any) -> None:
-    """Cast frozen floating tensors that are not 4-bit storage to ``dtype``."""
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point() and type(param).__name__ != "Params4bit":
+def _undo_upcast(model: Any, stored: dict[str, Any], dtype: Any) -> None:
+    """Cast back to ``dtype`` the frozen tensors that were stored in it and are fp32 now (what
+    ``prepare_model_for_kbit_training`` upcast); 4-bit storage and tensors kept in fp32 on purpose stay."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if (not param.requires_grad and stored.get(name) == dtype and param.dtype == torch.float32
+                and type(param).__name__ != "Params4bit"):
             param.data = param.data.to(dtype)
 
 
@@ -328,10 +336,11 @@ def attach_adapters(model: Any, cfg: ModelConfig, compute: Any = None) -> Any:
     if cfg.quantization == "nf4":
         from peft import prepare_model_for_kbit_training
 
+        stored = {name: p.dtype for name, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
         if compute is not None:
-            _frozen_to(model, compute)
+            _undo_upcast(model, stored, compute)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GRADIENT_CHECKPOINTING)
     if cfg.lora_r == 0:

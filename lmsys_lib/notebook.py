@@ -565,7 +565,8 @@ def _memory_verdict(stage: str, need: float, n: float, hw: Hardware, opts: dict[
     """Whether one copy needing ``need`` GiB fits one GPU, or split over all of them (each GPU paying its
     own overhead), and what to do when it does not."""
     if stage == "merge":
-        return True, f"needs no GPU; disk for the base and the merged copy: {4 * n / GIB:.0f} GiB"
+        # the 16-bit base (2 B a weight) + the merge stored in fp32 (lmsys merge's default storage: 4 B)
+        return True, f"needs no GPU; disk for the base and the fp32 merged copy: {6 * n / GIB:.0f} GiB"
     per_gpu, total = hw.memory_gib, hw.memory_gib * hw.gpus
     if need <= per_gpu:
         return True, f"{need:.1f} GiB needed of {per_gpu:g} GiB on one {hw.gpu}"

@@ -57,12 +57,14 @@ def compare_orders(model_dir: str | Path, train_frame: pd.DataFrame, test_frame:
     base_cfg = dataclasses.replace(model_cfg, model_dir=model_dir, quantization="none")
     start = time.perf_counter()
     fit(base_cfg, train_cfg, train, evaluation, work / "lora16", accelerator=accelerator, progress=False, log=log)
-    # stored as the base (16-bit): the row is the 16-bit model, and its size on disk a 16-bit checkpoint's
+    # GPTQ quantises from the fp32 merge (the pipeline's own input); the unquantised row is the merge stored
+    # as its 16-bit base, the model one would otherwise ship, with that size on disk
+    merged32 = merge.merge_exact(model_dir, [work / "lora16" / "adapter"], work / "merged32", log=log)
     merged = merge.merge_exact(model_dir, [work / "lora16" / "adapter"], work / "merged16", log=log, storage="base")
     prep16 = time.perf_counter() - start
     start = time.perf_counter()
     calib, summary = quantize.calibration_set(train_frame[~held], tokenizer, quant_cfg, pack_cfg)
-    quantized = quantize.quantize(merged, work / "gptq", calib, quant_cfg, device=device, calib_summary=summary,
+    quantized = quantize.quantize(merged32, work / "gptq", calib, quant_cfg, device=device, calib_summary=summary,
                                   log=log)
     prep_q = prep16 + time.perf_counter() - start
     dtype = compute_dtype(device, quant_cfg.dtype, log)

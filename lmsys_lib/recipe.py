@@ -14,8 +14,9 @@ and the LoRA count is Σ r·(in + out) over the targeted linear layers plus the 
 
 Memory per GPU (training): frozen weights (nf4 ≈ 0.55 B per linear weight, 16-bit 2 B; other tensors 2 B; none
 under full fine-tuning, whose weights are the fp32 masters) + trainable tensors × 16 B (fp32 master, gradient,
-AdamW m and v) — both divided by the process count under FSDP, whole on every GPU under DDP; under FSDP at
-least the load peak, a whole copy (frozen weights + fp32 masters) on each GPU before it is sharded — + activations at the configured micro-batch × max_length (with gradient checkpointing
+AdamW m and v) — both divided by the process count under FSDP (but the root unit — embeddings, norms, head —
+whole), whole on every GPU under DDP; under full fine-tuning + 2 B a weight for autocast's 16-bit copies (whole);
+under FSDP at least the load peak, a whole copy (frozen weights + fp32 masters) before it is sharded — + activations at the configured micro-batch × max_length (with gradient checkpointing
 each layer's input, 2·b·s·h bytes, plus one layer's working set 34·b·s·h bytes, plus 5·heads·b·s² for eager
 attention's scores; without it every layer's working set) + 1.5 GiB (CUDA context, workspace).
 """
@@ -168,13 +169,17 @@ def training_memory(counts: dict[str, Any], cfg: Any, stage: RecipeStage) -> dic
         weights = 0.0  # full fine-tuning: every weight is a trainable fp32 master (below)
     trainable = counts["trainable"] * 16.0
     load_peak = 0.0
+    # full fine-tuning under 16-bit autocast: a 16-bit copy of every master, kept for backward (never sharded)
+    casts = counts["trainable"] * 2.0 if cfg.model.lora_r == 0 else 0.0
     if stage.engine == "fsdp":  # each process loads a whole copy, then keeps 1/processes of it
         load_peak = weights + counts["trainable"] * 4.0
-        weights, trainable = weights / stage.processes, trainable / stage.processes
+        root = (counts["classifier"] - counts["linear"]) * (4.0 if cfg.model.lora_r == 0 else 2.0)
+        weights, trainable = weights / stage.processes + root, trainable / stage.processes  # the root unit stays whole
     b, s, h, layers = cfg.train.batch_size, cfg.pack.max_length, counts["hidden"], counts["layers"]
     eager = attention_of(cfg.model.attn_implementation, bool(counts["softcap"]), stage.hardware) == "eager"
     working = 34 * b * s * h + (5 * counts["heads"] * b * s * s if eager else 0)
     activations = (layers * 2 * b * s * h + working) if cfg.model.gradient_checkpointing else layers * working
+    weights += casts
     total = max(weights + trainable + activations, load_peak) + notebook.OVERHEAD_GIB * GIB
     return {"weights": weights / GIB, "trainable": trainable / GIB, "activations": activations / GIB,
             "load_peak": load_peak / GIB, "total": total / GIB, "eager": eager}

@@ -10,8 +10,12 @@ Contract:
   under the loop's autocast, so FSDP itself casts nothing.
 - Every function here that touches sharded parameters is a collective: all processes call it, in the same
   order (``full_trainable``, ``load_full_trainable``). Whole tensors are gathered one at a time and kept only
-  where asked (rank 0, to save), and loaded one tensor at a time from a safetensors file, so no process holds
-  more than one whole tensor on the host.
+  where asked: rank 0, to save them, holds every whole trainable tensor on the host while it writes (4 bytes a
+  weight under full fine-tuning: a 9B needs ~37 GB of host RAM there), the other processes one tensor at a
+  time; they are read back one tensor at a time from a safetensors file.
+- Memory under autocast: each layer's weights are whole only while it runs, but autocast keeps a 16-bit
+  copy of every fp32 master it casts for the forward and saves it for backward, and the root unit
+  (embeddings, final norm, head) stays whole through a step — ``recipe.training_memory`` counts both.
 - Gradients are reduce-scattered after every micro-batch: FSDP2 would otherwise keep whole, unsharded
   gradients between the micro-batches of a step (4 bytes per weight: what sharding is there to avoid).
 - Checkpoints hold each process's own shards (``local_trainable``, ``local_optimizer``) as safetensors — no

@@ -163,6 +163,9 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, train_data: TrainData, e
         raise ValueError(f"accelerate's mixed_precision is {accelerator.mixed_precision!r}: lmsys_lib runs its own "
                          "autocast over fp32 masters (model.dtype) — launch with mixed_precision 'no' (the configs "
                          "in configs/accelerate/ do; unset $ACCELERATE_MIXED_PRECISION and --mixed_precision)")
+    if train_cfg.fsdp and accelerator.num_processes < 2:  # before the model loads
+        raise ValueError("train.fsdp shards over several processes: launch with accelerate (a MULTI_GPU config, "
+                         "e.g. configs/accelerate/8xA100-fsdp.yaml) — one process has nothing to shard over")
     if train_cfg.fsdp and model_cfg.quantization == "nf4":
         raise ValueError("train.fsdp with a 4-bit (nf4) base is not supported: a 4-bit model fits one GPU per "
                          "process — train it with DDP (configs/accelerate/8xA100-ddp-qlora.yaml)")
