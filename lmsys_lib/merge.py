@@ -156,7 +156,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
-    from .modeling import NUM_LABELS, load_tokenizer
+    from .modeling import NUM_LABELS, _dtype, load_tokenizer
 
     if storage not in STORAGE_DTYPES:
         raise ValueError(f"storage {storage!r}: expected one of {STORAGE_DTYPES}")
@@ -217,7 +217,7 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     tokenizer.save_pretrained(tmp)
     _carry_temperature([a.path for a in adapters], tmp, log)
     _write_contract([a.path for a in adapters], tmp, str(base_dtype).split(".")[-1], log)
-    stored = str(_DTYPES[storage] if storage != "base" else base_dtype).split(".")[-1]
+    stored = str(_dtype(storage) if storage != "base" else base_dtype).split(".")[-1]
     (tmp / "lmsys_merge.json").write_text(json.dumps(
         {"method": "exact", "base": str(base_dir), "adapters": [str(a.path) for a in adapters],
          "adapter_sha256": [file_sha256(Path(a.path) / "adapter_model.safetensors") for a in adapters],
@@ -229,14 +229,13 @@ def merge_exact(base_dir: str | Path, adapter_dirs: AdapterSource, out_dir: str 
     return out_dir
 
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def _stored(key: str, merged: Any, storage: str, base_dtype: Any) -> Any:
     """A merged fp32 tensor in the storage dtype ("base": the base's); fp16 refuses values beyond its range."""
     import torch
 
-    dtype = base_dtype if storage == "base" else getattr(torch, _DTYPES[storage])
+    from .modeling import _dtype
+
+    dtype = base_dtype if storage == "base" else _dtype(storage)
     out = merged.to(dtype)
     if dtype == torch.float16 and not torch.isfinite(out).all():
         raise ValueError(f"{key}: merged values up to {float(merged.abs().max()):.4g} overflow fp16 (max 65504): "
@@ -534,9 +533,9 @@ def _merged_probs(merged_dir: Path, storage: str, compute: Any, placement: dict[
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .modeling import attention_for
+    from .modeling import _dtype, attention_for
 
-    wanted = getattr(torch, _DTYPES[storage])
+    wanted = _dtype(storage)
     load = compute if wanted == torch.float32 else wanted
     model = AutoModelForSequenceClassification.from_pretrained(
         merged_dir, dtype=load, **placement,

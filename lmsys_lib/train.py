@@ -403,7 +403,8 @@ def rank_checksums(accelerator: Any, model: Any) -> list[float]:
     import torch
 
     with torch.no_grad():
-        local = float(sum(p.detach().double().sum() for p in _trainable(accelerator.unwrap_model(model)).values()))
+        local = float(sum(p.detach().double().sum()
+                          for p in sharding.trainable(accelerator.unwrap_model(model)).values()))
     if accelerator.num_processes == 1:
         return [local]
     from accelerate.utils import gather_object
@@ -589,10 +590,6 @@ def _resume(out_dir: Path, accelerator: Any, model: Any, optimizer: Any,
     if accelerator.is_main_process:
         print(f"resumed from {path} (step {state['step']})")
     return state
-
-
-def _trainable(model: Any) -> dict[str, Any]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 BEST_WEIGHTS = "best_trainable.safetensors"  # the kept step's trainable weights, while score_train needs them

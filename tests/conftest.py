@@ -64,3 +64,16 @@ def smollm2_tokenizer():
     except FileNotFoundError as err:
         pytest.skip(str(err))
     return zoo.smollm2_tokenizer()
+
+
+def tiny_run(run: Path, tokenizer, rows: int, folds: int, seed: int, **sizes) -> Path:
+    """A run folder for training tests: ``rows`` synthetic rows, grouped folds, a tiny Llama checkpoint."""
+    import copy
+
+    from lmsys_lib import demo, modeling
+    from lmsys_lib.config import FoldConfig
+
+    demo.stage_data(run, SynthConfig(n_train=rows, n_test=10, seed=seed))
+    demo.stage_folds(run, FoldConfig(k=folds, seed=0))
+    modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), run / "models" / "tiny-llama", **sizes)
+    return run

@@ -189,14 +189,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def launch_run(tmp_path_factory, tokenizer):
-    from lmsys_lib import demo
-    from lmsys_lib.config import FoldConfig, SynthConfig
+    from tests.conftest import tiny_run
 
-    run = tmp_path_factory.mktemp("launch")
-    demo.stage_data(run, SynthConfig(n_train=200, n_test=10, seed=8))
-    demo.stage_folds(run, FoldConfig(k=2, seed=0))
-    modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), run / "models" / "tiny-llama")
-    return run
+    return tiny_run(tmp_path_factory.mktemp("launch"), tokenizer, 200, 2, 8)
 
 
 def _launch(run: Path, tmp_path: Path, accelerate_args: list[str], name: str, model: dict,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -15,29 +14,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmsys_lib import demo, modeling, synthetic, teacher, train
-from lmsys_lib.config import FoldConfig, PretrainConfig, SynthConfig, TrainConfig
+from lmsys_lib import modeling, synthetic, teacher, train
+from lmsys_lib.config import PretrainConfig, SynthConfig, TrainConfig
+from tests.conftest import tiny_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer):
     """A run folder with synthetic data, grouped folds and a tiny Llama checkpoint."""
-    run = tmp_path_factory.mktemp("run")
-    demo.stage_data(run, SynthConfig(n_train=2000, n_test=20, seed=5))
-    demo.stage_folds(run, FoldConfig(k=3, seed=0))
-    modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), run / "models" / "tiny-llama",
-                                  hidden=128, intermediate=256)
-    return run
+    return tiny_run(tmp_path_factory.mktemp("run"), tokenizer, 2000, 3, 5, hidden=128, intermediate=256)
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, tokenizer):
     """A 300-row run folder (3 folds) for the tests that train many short runs."""
-    run = tmp_path_factory.mktemp("small")
-    demo.stage_data(run, SynthConfig(n_train=300, n_test=10, seed=6))
-    demo.stage_folds(run, FoldConfig(k=3, seed=0))
-    modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), run / "models" / "tiny-llama")
-    return run
+    return tiny_run(tmp_path_factory.mktemp("small"), tokenizer, 300, 3, 6)
 
 
 def _teacher_json(path: Path, run_dir: Path, max_length: int = 192, **train_overrides) -> Path:
