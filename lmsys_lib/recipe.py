@@ -89,8 +89,25 @@ def load(folder: str | Path) -> tuple[RecipeConfig, list[tuple[RecipeStage, Any]
         cfg = _read(folder / stage.config, CONFIG_CLASS[stage.stage]) if stage.config else None
         if stage.stage in CONFIG_CLASS and cfg is None:
             raise ValueError(f"{folder / 'recipe.json'}: stages[{i}] ({stage.stage}) needs a config file")
+        _check_engine(folder / "recipe.json", i, stage, cfg)
         stages.append((stage, cfg))
     return recipe, stages
+
+
+def _check_engine(path: Path, i: int, stage: RecipeStage, cfg: Any) -> None:
+    """The stage's engine and its config agree: FSDP is ``train.fsdp`` in the config (and not nf4), never the
+    reverse; the multi-process engines name an accelerate config."""
+    train = getattr(cfg, "train", None)
+    where = f"{path}: stages[{i}] ({stage.stage}, {stage.config})"
+    if stage.engine == "fsdp":
+        if train is None or not train.fsdp:
+            raise ValueError(f"{where}: engine 'fsdp' needs \"train\": {{\"fsdp\": true}} in {stage.config}")
+        if cfg.model.quantization == "nf4":
+            raise ValueError(f"{where}: engine 'fsdp' cannot shard nf4 weights; use engine 'ddp' for QLoRA")
+    elif train is not None and train.fsdp:
+        raise ValueError(f"{where}: {stage.config} sets train.fsdp but the stage's engine is {stage.engine!r}")
+    if stage.engine in ("ddp", "fsdp") and stage.processes > 1 and not stage.accelerate_config:
+        raise ValueError(f"{where}: engine {stage.engine!r} on {stage.processes} processes needs accelerate_config")
 
 
 def _read(path: Path, cls: type, data: Any = None, where: str = "") -> Any:

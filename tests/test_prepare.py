@@ -196,12 +196,54 @@ def test_plan_prints_every_stage_and_refuses_an_unknown_key(tmp_path):
 
 
 def test_training_memory_follows_the_engine():
-    cfg = recipe.load(ROOT / "configs" / "recipe" / "winner")[1][1][1]  # the Llama-3-70B teacher
-    counts = recipe.model_counts(cfg.model.model_dir, cfg.model.lora_r, tuple(cfg.model.target_modules))
-    ddp = recipe.training_memory(counts, cfg, recipe.RecipeStage("teacher", processes=8, engine="ddp"))
-    fsdp = recipe.training_memory(counts, cfg, recipe.RecipeStage("teacher", processes=8, engine="fsdp"))
-    assert fsdp["weights"] == pytest.approx(ddp["weights"] / 8) and fsdp["activations"] == ddp["activations"]
+    teacher = recipe.load(ROOT / "configs" / "recipe" / "winner")[1][1][1]  # the Llama-3-70B QLoRA teacher
+    counts = recipe.model_counts(teacher.model.model_dir, teacher.model.lora_r, tuple(teacher.model.target_modules))
+    ddp = recipe.training_memory(counts, teacher, recipe.RecipeStage("teacher", processes=8, engine="ddp"))
     assert 30 < ddp["weights"] < 45 and ddp["total"] < 80  # nf4: ~0.55 B per linear weight
+    # FSDP (16-bit weights): the decoder layers are split over the processes, the root unit (embeddings, norm,
+    # head) stays whole on each, and each process first loads a whole copy
+    student = next(c for st, c in recipe.load(ROOT / "configs" / "recipe" / "winner")[1] if st.stage == "student")
+    counts = recipe.model_counts(student.model.model_dir, student.model.lora_r, tuple(student.model.target_modules))
+    one = recipe.training_memory(counts, student, recipe.RecipeStage("student", processes=8, engine="ddp"))
+    fsdp = recipe.training_memory(counts, student, recipe.RecipeStage("student", processes=8, engine="fsdp"))
+    root = (counts["classifier"] - counts["linear"]) * 2.0 / recipe.GIB
+    assert fsdp["weights"] == pytest.approx(one["weights"] / 8 + root)
+    assert fsdp["trainable"] == pytest.approx(one["trainable"] / 8) and fsdp["activations"] == one["activations"]
+    assert fsdp["load_peak"] == pytest.approx(one["weights"] + counts["trainable"] * 4.0 / recipe.GIB)
+    assert one["load_peak"] == 0.0 and fsdp["weights"] < one["weights"] / 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"engine": "fsdp"}, "needs \"train\": {\"fsdp\": true}"),
+    ({"accelerate_config": ""}, "needs accelerate_config"),
+])
+def test_recipe_engine_must_agree_with_the_stage_config(tmp_path, change, message):
+    planted = tmp_path / "winner"
+    shutil.copytree(ROOT / "configs" / "recipe" / "winner", planted)
+    data = json.loads((planted / "recipe.json").read_text())
+    student = next(s for s in data["stages"] if s["stage"] == "student")
+    student.update(change)
+    (planted / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="stages\\[\\d\\] \\(student") as err:
+        recipe.load(planted)
+    assert message in str(err.value)
+
+
+def test_recipe_refuses_fsdp_over_nf4_and_fsdp_config_under_ddp(tmp_path):
+    planted = tmp_path / "winner"
+    shutil.copytree(ROOT / "configs" / "recipe" / "winner", planted)
+    data = json.loads((planted / "recipe.json").read_text())
+    teacher = next(s for s in data["stages"] if s["stage"] == "teacher")
+    path = planted / teacher["config"]
+    cfg = json.loads(path.read_text())
+    cfg.setdefault("train", {})["fsdp"] = True
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sets train.fsdp but the stage's engine is 'ddp'"):
+        recipe.load(planted)
+    teacher["engine"] = "fsdp"
+    (planted / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="cannot shard nf4"):
+        recipe.load(planted)
 
 
 def test_training_memory_follows_the_attention_kernel_of_the_hardware():
