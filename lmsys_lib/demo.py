@@ -3,9 +3,9 @@
     data                  synthetic train/test/sample_submission (competition dialect) + holdout.csv → data/,
                           validated (the only step run in-process: it stands in for the competition's files)
     00_eda                tables + plots → eda.md, plots/*.png, tokenizer/ (a BPE trained on the train text)
-    01_teacher_training   a real small pretrained model (Gemma-3 270M, LoRA) per grouped fold → teachers/<name>/
+    01_teacher_training   a real small pretrained model (SmolLM2-135M, LoRA) per grouped fold → teachers/<name>/
                           (fold adapters, held-out logits, oof.parquet); resumes from its checkpoints when killed
-    02_distillation       a smaller real model (SmolLM2-135M, LoRA) distilled per fold from teacher fold k's
+    02_distillation       the same model with a new LoRA (SmolLM2-135M) distilled per fold from teacher fold k's
                           logits on its own training rows (in-fold targets) → student/<name>/
     03_lora_merge         the student's folds merged exactly → merged/, fidelity vs the fold ensemble on the holdout
     04_quantization       GPTQ 8-bit of the merged student → quantized/, fidelity vs the merged model

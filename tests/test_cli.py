@@ -13,7 +13,9 @@ import pytest
 
 from lmsys_lib import parsing, zoo
 from lmsys_lib.config import DemoConfig, to_dict
+from lmsys_lib.metrics import log_loss, softmax
 
+DEMO_MARGIN = 0.015  # how far below the uniform guess (log 3) the default demo's models must end
 STAGES = ("data", "00_eda", "01_teacher_training", "02_distillation", "03_lora_merge", "04_quantization",
           "05_inference_2xT4")
 
@@ -24,10 +26,10 @@ def _lmsys(*args, cwd=None):
 
 @pytest.mark.slow
 def test_default_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path, capsys):
-    """`lmsys demo` exactly as the README starts it: the embedded default, the real Gemma-3 270M teacher and
-    SmolLM2-135M student. Its stage times are printed (never asserted: they measure the machine, not the code)."""
+    """`lmsys demo` exactly as the README starts it: the embedded default, the real SmolLM2-135M as teacher and
+    as distilled student. Its stage times are printed (never asserted: they measure the machine, not the code)."""
     try:
-        zoo.prepare_model("gemma3-270m")
+        zoo.prepare_model("smollm2-135m")
     except FileNotFoundError as err:
         pytest.skip(str(err))
     run = tmp_path / "demo"
@@ -51,16 +53,18 @@ def test_default_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path,
     assert train["id"].tolist() == folds["id"].tolist()
     assert (run / "eda.md").exists() and (run / "tokenizer" / "tokenizer.json").exists()
     saved = json.loads((run / "config" / "01_teacher_training.json").read_text())
-    assert saved["config"]["model"]["model_dir"] == "zoo:gemma3-270m"  # the config stays portable
+    assert saved["config"]["model"]["model_dir"] == cfg.teacher.model.model_dir  # "zoo:…": the config stays portable
     fit = json.loads((run / "teachers" / teacher_name / "fold0" / "fit_config.json").read_text())
-    assert fit["model"]["model_dir"] == {"name": "zoo:gemma3-270m"}  # resolved from zoo:…, recorded portably
+    assert fit["model"]["model_dir"] == {"name": cfg.teacher.model.model_dir}  # resolved from zoo:…, recorded portably
     assert f"[01_teacher_training] teacher {teacher_name}: held-out log loss fold0" in proc.stdout
 
-    # every row has one out-of-fold logit from each model (whether the demo learns: bench/RESULTS.md)
+    # every row has one out-of-fold logit from each model, and both learned: visibly below the uniform guess
+    # (measured 2026-12-01: teacher 1.0699, student 1.0674; bench/RESULTS.md)
     for root in (f"teachers/{teacher_name}", f"student/{student_name}"):
         oof = pd.read_parquet(run / root / "oof.parquet")
         assert sorted(oof["id"]) == sorted(train["id"]) and oof["id"].is_unique and set(oof["fold"]) == {0, 1}
-        assert np.isfinite(oof[["logit_a", "logit_b", "logit_tie"]].to_numpy()).all(), root
+        logits = oof.set_index("id").loc[train["id"], ["logit_a", "logit_b", "logit_tie"]].to_numpy()
+        assert log_loss(train["label"].to_numpy(), softmax(logits)) < np.log(3) - DEMO_MARGIN, root
 
     report = (run / "report.md").read_text()  # 01–04 each evaluated their model; the demo gathered them
     for section in (f"## {teacher_name} (out of fold)", f"## {student_name} (out of fold)",
