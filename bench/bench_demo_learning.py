@@ -1,7 +1,7 @@
 """Does the default demo learn? Its teacher and distilled student against a labels-only student and the guesses.
 
-Runs (or reuses) the default ``lmsys demo`` in ``--run-dir`` — the embedded default data, the real Gemma-3 270M
-teacher and SmolLM2-135M student exactly as ``lmsys demo`` trains them — then trains the same student the
+Runs (or reuses) the default ``lmsys demo`` in ``--run-dir`` — the embedded default data, the real SmolLM2-135M
+as teacher and as distilled student, exactly as ``lmsys demo`` trains them — then trains the same student the
 same way on the same folds from the hard labels only (``<student>-labels-only``: the demo's student config with
 no teachers). Printed: out-of-fold log loss and accuracy of the three (every train row scored by the fold
 model that did not see it), the uniform guess (log 3) and the label-frequency prior (the train rows' own

@@ -7,7 +7,7 @@ hard labels only. Printed: out-of-fold log loss and accuracy of the three (every
 model that did not see it), and the students' difference. Nothing is asserted: this reports what it measures.
 
 Both models are trained from scratch (random init) so the run fits a CPU; the real-model numbers of the
-demo (Gemma-3 270M → SmolLM2-135M) are in ``runs/demo`` after ``lmsys demo``.
+demo (SmolLM2-135M → SmolLM2-135M) are in ``runs/demo`` after ``lmsys demo``.
 
     python bench/bench_distill.py [--rows 2000] [--folds 3] [--max-length 192] [--loss kl] [--temperature 2]
 """

@@ -374,8 +374,8 @@ class InferenceConfig:
 class DemoConfig:
     """What ``lmsys demo`` runs on the embedded default.
 
-    Sized to learn within ~25 minutes on 2 CPU cores without native bf16 (measured cold on a 2-core AMD
-    EPYC, AVX2 only: ``bench/RESULTS.md``): 960 train rows, 2 folds, 64 tokens (a response's opening — its
+    Sized to learn on 2 CPU cores without native bf16 — 30 minutes measured on a 2-core AMD EPYC, AVX2
+    only (``bench/RESULTS.md``): 960 train rows, 2 folds, 64 tokens (a response's opening — its
     markdown header, a refusal — fits: the signals a short view shows), one epoch of 60 steps of 8 rows per
     fold. Teacher and student are both the real SmolLM2-135M (from its PyPI wheel) with a LoRA r = 8: the
     teacher trained on the labels, the student distilled from its in-fold logits; 64 holdout rows, 24
@@ -383,11 +383,11 @@ class DemoConfig:
 
     Learning in 60 steps needs two settings that a 9B on 50k rows does not: a high LoRA learning rate
     (1e-3) and an all-but-frozen score head (``head_lr`` 1e-6 from the "scaled" init: a fixed random
-    projection of the last hidden state, which the adapters learn to move). A head at 3e-5..3e-3 moves faster
-    than the adapters can follow — these models' last hidden states have norms of ~50–100, so one AdamW step
-    of 1e-3 on every head weight shifts a logit by ~1 — and adapters at 1e-4..5e-4 learn nothing in 60 steps.
-    Gemma-3 270M (base) learned nothing here at any of those settings, nor in 40 steps, so it is not the
-    demo's teacher (measured: ``bench/RESULTS.md``, "Does the default demo learn?").
+    projection of the last hidden state, which the adapters learn to move): these models' last hidden states
+    have norms of ~50–100, so one AdamW step of 1e-3 on every head weight shifts a logit by ~1. SmolLM2
+    learned with these settings in 60 steps, not in 40. Gemma-3 270M (base) learned nothing in 40 or 60
+    steps at any setting tried (LoRA lr 1e-4..3e-3, head lr 1e-6..3e-3), so it is not the demo's teacher
+    (measured: ``bench/RESULTS.md``, "Does the default demo learn?").
     """
 
     synth: SynthConfig = SynthConfig(n_train=960, n_test=120)

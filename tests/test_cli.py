@@ -15,7 +15,7 @@ from lmsys_lib import parsing, zoo
 from lmsys_lib.config import DemoConfig, to_dict
 from lmsys_lib.metrics import log_loss, softmax
 
-DEMO_MARGIN = 0.015  # how far below the uniform guess (log 3) the default demo's models must end
+DEMO_MARGIN = 0.01  # how far below the uniform guess (log 3) the default demo's models must end
 STAGES = ("data", "00_eda", "01_teacher_training", "02_distillation", "03_lora_merge", "04_quantization",
           "05_inference_2xT4")
 
@@ -57,9 +57,11 @@ def test_default_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path,
     fit = json.loads((run / "teachers" / teacher_name / "fold0" / "fit_config.json").read_text())
     assert fit["model"]["model_dir"] == {"name": cfg.teacher.model.model_dir}  # resolved from zoo:…, recorded portably
     assert f"[01_teacher_training] teacher {teacher_name}: held-out log loss fold0" in proc.stdout
+    assert json.loads((run / "config" / "inputs" / "01_teacher_training.json").read_text())["name"] == teacher_name
 
     # every row has one out-of-fold logit from each model, and both learned: visibly below the uniform guess
-    # (measured 2026-12-01: teacher 1.0699, student 1.0674; bench/RESULTS.md)
+    # (measured 2026-12-01 on 2 AVX2 cores: teacher 1.0699, student 1.0674, i.e. 0.029 and 0.031 below;
+    # another CPU rounds differently, hence the smaller margin; bench/RESULTS.md)
     for root in (f"teachers/{teacher_name}", f"student/{student_name}"):
         oof = pd.read_parquet(run / root / "oof.parquet")
         assert sorted(oof["id"]) == sorted(train["id"]) and oof["id"].is_unique and set(oof["fold"]) == {0, 1}
@@ -79,7 +81,7 @@ def test_default_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path,
     assert fidelity["rows"] == cfg.holdout_rows and fidelity["naive_weight_error"]["relative_frobenius"] > 0
     quantised = json.loads((run / "quantized" / "fidelity.json").read_text())  # passed the default thresholds
     assert quantised["kl_mean"] <= 1e-3 and quantised["argmax_agreement"] >= 0.98
-    assert quantised["kernel"] == "gptq_torch"
+    assert quantised["kernel"] == "gptq_torch" and quantised["rows"] == cfg.holdout_rows
     submission = pd.read_csv(run / "submission.csv")
     test = parsing.read_competition(run / "data" / "test.csv").frame
     assert submission["id"].tolist() == test["id"].tolist()
@@ -97,7 +99,7 @@ def test_default_demo_runs_then_is_a_no_op_then_refuses_another_config(tmp_path,
     assert again.returncode == 0 and again.stdout.count("already done") == len(STAGES)
     (run / "eda.md").unlink()  # a finished stage whose output went missing runs again
     healed = _lmsys("demo", "--run-dir", str(run))
-    assert "[00_eda] outputs missing" in healed.stdout and (run / "eda.md").exists()
+    assert healed.returncode == 0 and "[00_eda] outputs missing" in healed.stdout and (run / "eda.md").exists()
 
     other = to_dict(cfg)
     other["teacher"]["pack"]["max_length"] += 32
