@@ -95,19 +95,31 @@ def load(folder: str | Path) -> tuple[RecipeConfig, list[tuple[RecipeStage, Any]
 
 
 def _check_engine(path: Path, i: int, stage: RecipeStage, cfg: Any) -> None:
-    """The stage's engine and its config agree: FSDP is ``train.fsdp`` in the config (and not nf4), never the
-    reverse; the multi-process engines name an accelerate config."""
-    train = getattr(cfg, "train", None)
-    where = f"{path}: stages[{i}] ({stage.stage}, {stage.config})"
-    if stage.engine == "fsdp":
-        if train is None or not train.fsdp:
-            raise ValueError(f"{where}: engine 'fsdp' needs \"train\": {{\"fsdp\": true}} in {stage.config}")
-        if cfg.model.quantization == "nf4":
-            raise ValueError(f"{where}: engine 'fsdp' cannot shard nf4 weights; use engine 'ddp' for QLoRA")
-    elif train is not None and train.fsdp:
-        raise ValueError(f"{where}: {stage.config} sets train.fsdp but the stage's engine is {stage.engine!r}")
+    """The stage's engine and its config agree: ``ddp`` / ``fsdp`` are for the training stages, several
+    training processes need one of them and an accelerate config, FSDP is ``train.fsdp`` in the config (and in
+    its post-pretraining, when there is one), on 2+ processes and not over nf4 — and ``train.fsdp`` is never
+    set under another engine."""
+    where = f"{path}: stages[{i}] ({stage.stage}{', ' + stage.config if stage.config else ''})"
+    if stage.stage not in ("teacher", "student"):
+        if stage.engine in ("ddp", "fsdp"):
+            raise ValueError(f"{where}: engine {stage.engine!r} is for teacher / student training; "
+                             "use 'single' or 'replicas' (one model per GPU, rows split)")
+        return
+    if stage.engine == "replicas" or (stage.engine == "single" and stage.processes > 1):
+        raise ValueError(f"{where}: training on {stage.processes} process(es) with engine {stage.engine!r}: use "
+                         "'single' (1 process), 'ddp' or 'fsdp'")
     if stage.engine in ("ddp", "fsdp") and stage.processes > 1 and not stage.accelerate_config:
         raise ValueError(f"{where}: engine {stage.engine!r} on {stage.processes} processes needs accelerate_config")
+    if stage.engine == "fsdp" and stage.processes < 2:
+        raise ValueError(f"{where}: engine 'fsdp' needs 2 or more processes (training refuses one)")
+    if stage.engine == "fsdp" and cfg.model.quantization == "nf4":
+        raise ValueError(f"{where}: engine 'fsdp' cannot shard nf4 weights; use engine 'ddp' for QLoRA")
+    runs = [("train", cfg.train)] + ([("pretrain.train", cfg.pretrain.train)] if cfg.pretrain.data else [])
+    for key, train in runs:
+        if stage.engine == "fsdp" and not train.fsdp:
+            raise ValueError(f"{where}: engine 'fsdp' needs {key}.fsdp = true in {stage.config}")
+        if stage.engine != "fsdp" and train.fsdp:
+            raise ValueError(f"{where}: {stage.config} sets {key}.fsdp but the stage's engine is {stage.engine!r}")
 
 
 def _read(path: Path, cls: type, data: Any = None, where: str = "") -> Any:

@@ -214,8 +214,10 @@ def test_training_memory_follows_the_engine():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"engine": "fsdp"}, "needs \"train\": {\"fsdp\": true}"),
+    ({"engine": "fsdp"}, "needs train.fsdp = true"),
     ({"accelerate_config": ""}, "needs accelerate_config"),
+    ({"engine": "single"}, "with engine 'single': use"),
+    ({"engine": "replicas"}, "with engine 'replicas': use"),
 ])
 def test_recipe_engine_must_agree_with_the_stage_config(tmp_path, change, message):
     planted = tmp_path / "winner"
@@ -243,6 +245,28 @@ def test_recipe_refuses_fsdp_over_nf4_and_fsdp_config_under_ddp(tmp_path):
     teacher["engine"] = "fsdp"
     (planted / "recipe.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="cannot shard nf4"):
+        recipe.load(planted)
+    teacher["processes"] = 1
+    (planted / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="needs 2 or more processes"):
+        recipe.load(planted)
+    cfg["train"]["fsdp"] = False
+    cfg.setdefault("pretrain", {})["data"] = ["data/extra.csv"]
+    cfg["pretrain"]["train"] = {"fsdp": True}
+    path.write_text(json.dumps(cfg))
+    teacher["engine"], teacher["processes"] = "ddp", 8
+    (planted / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="sets pretrain.train.fsdp but the stage's engine is 'ddp'"):
+        recipe.load(planted)
+
+
+def test_recipe_refuses_a_training_engine_on_an_inference_stage(tmp_path):
+    planted = tmp_path / "winner"
+    shutil.copytree(ROOT / "configs" / "recipe" / "winner", planted)
+    data = json.loads((planted / "recipe.json").read_text())
+    next(s for s in data["stages"] if s["stage"] == "inference")["engine"] = "ddp"
+    (planted / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="is for teacher / student training"):
         recipe.load(planted)
 
 
