@@ -203,7 +203,9 @@ def training_memory(counts: dict[str, Any], cfg: Any, stage: RecipeStage) -> dic
     if stage.engine == "fsdp":  # each process loads a whole copy, then keeps 1/processes of it
         load_peak = weights + counts["trainable"] * 4.0
         root = (counts["classifier"] - counts["linear"]) * (4.0 if cfg.model.lora_r == 0 else 2.0)
-        weights, trainable = weights / stage.processes + root, trainable / stage.processes  # the root unit stays whole
+        frozen_root = root if cfg.model.lora_r else 0.0  # already inside `weights` (16-bit, not sharded)
+        # the root unit stays whole on every process; the rest is split
+        weights, trainable = (weights - frozen_root) / stage.processes + root, trainable / stage.processes
     b, s, h, layers = cfg.train.batch_size, cfg.pack.max_length, counts["hidden"], counts["layers"]
     eager = attention_of(cfg.model.attn_implementation, bool(counts["softcap"]), stage.hardware) == "eager"
     working = 34 * b * s * h + (5 * counts["heads"] * b * s * s if eager else 0)
