@@ -114,12 +114,35 @@ def _check_engine(path: Path, i: int, stage: RecipeStage, cfg: Any) -> None:
         raise ValueError(f"{where}: engine 'fsdp' needs 2 or more processes (training refuses one)")
     if stage.engine == "fsdp" and cfg.model.quantization == "nf4":
         raise ValueError(f"{where}: engine 'fsdp' cannot shard nf4 weights; use engine 'ddp' for QLoRA")
-    runs = [("train", cfg.train)] + ([("pretrain.train", cfg.pretrain.train)] if cfg.pretrain.data else [])
-    for key, train in runs:
-        if stage.engine == "fsdp" and not train.fsdp:
+    for key, train in (("train", cfg.train), ("pretrain.train", cfg.pretrain.train)):
+        if stage.engine == "fsdp" and not train.fsdp and (key == "train" or cfg.pretrain.data):
             raise ValueError(f"{where}: engine 'fsdp' needs {key}.fsdp = true in {stage.config}")
         if stage.engine != "fsdp" and train.fsdp:
             raise ValueError(f"{where}: {stage.config} sets {key}.fsdp but the stage's engine is {stage.engine!r}")
+    if stage.accelerate_config:
+        _check_accelerate_config(path, where, stage)
+
+
+def _check_accelerate_config(path: Path, where: str, stage: RecipeStage) -> None:
+    """The stage's accelerate config exists (a relative name is looked up from the working directory, then
+    from each folder above the recipe: the repository root) and launches as many processes as the stage says,
+    multi-process ones as ``MULTI_GPU`` (DDP; FSDP2 is set up by the training code, not by accelerate)."""
+    import yaml
+
+    name = Path(stage.accelerate_config)
+    places = [name] if name.is_absolute() else [Path.cwd() / name] + [d / name for d in Path(path).resolve().parents]
+    found = next((p for p in places if p.is_file()), None)
+    if found is None:
+        raise ValueError(f"{where}: accelerate_config {stage.accelerate_config} not found (looked in the working "
+                         "directory and in each folder above the recipe)")
+    launch = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
+    processes = int(launch.get("num_processes", 1))
+    if processes != stage.processes:
+        raise ValueError(f"{where}: {found} launches num_processes {processes}, the stage says processes "
+                         f"{stage.processes}")
+    if processes > 1 and launch.get("distributed_type") != "MULTI_GPU":
+        raise ValueError(f"{where}: {found} has distributed_type {launch.get('distributed_type')!r}; "
+                         f"{processes} training processes need MULTI_GPU")
 
 
 def _read(path: Path, cls: type, data: Any = None, where: str = "") -> Any:
@@ -203,9 +226,9 @@ def training_memory(counts: dict[str, Any], cfg: Any, stage: RecipeStage) -> dic
     if stage.engine == "fsdp":  # each process loads a whole copy, then keeps 1/processes of it
         load_peak = weights + counts["trainable"] * 4.0
         root = (counts["classifier"] - counts["linear"]) * (4.0 if cfg.model.lora_r == 0 else 2.0)
-        frozen_root = root if cfg.model.lora_r else 0.0  # already inside `weights` (16-bit, not sharded)
-        # the root unit stays whole on every process; the rest is split
-        weights, trainable = (weights - frozen_root) / stage.processes + root, trainable / stage.processes
+        # every unit, the root too, keeps 1/processes; the root's whole copy, gathered for the forward, stays
+        # gathered through the step (FSDP2 does not reshard the root after its forward): its shard + the whole
+        weights, trainable = weights / stage.processes + root, trainable / stage.processes
     b, s, h, layers = cfg.train.batch_size, cfg.pack.max_length, counts["hidden"], counts["layers"]
     eager = attention_of(cfg.model.attn_implementation, bool(counts["softcap"]), stage.hardware) == "eager"
     working = 34 * b * s * h + (5 * counts["heads"] * b * s * s if eager else 0)

@@ -207,7 +207,8 @@ def test_training_memory_follows_the_engine():
     one = recipe.training_memory(counts, student, recipe.RecipeStage("student", processes=8, engine="ddp"))
     fsdp = recipe.training_memory(counts, student, recipe.RecipeStage("student", processes=8, engine="fsdp"))
     root = (counts["classifier"] - counts["linear"]) * 2.0 / recipe.GIB
-    assert fsdp["weights"] == pytest.approx((one["weights"] - root) / 8 + root)  # the root counted once
+    linear = counts["linear"] * 2.0 / recipe.GIB
+    assert fsdp["weights"] == pytest.approx(linear / 8 + root * (1 + 1 / 8))  # the root: its shard + whole gathered
     assert fsdp["trainable"] == pytest.approx(one["trainable"] / 8) and fsdp["activations"] == one["activations"]
     assert fsdp["load_peak"] == pytest.approx(one["weights"] + counts["trainable"] * 4.0 / recipe.GIB)
     assert one["load_peak"] == 0.0 and fsdp["weights"] < one["weights"] / 2
@@ -258,6 +259,58 @@ def test_recipe_refuses_fsdp_over_nf4_and_fsdp_config_under_ddp(tmp_path):
     (planted / "recipe.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="sets pretrain.train.fsdp but the stage's engine is 'ddp'"):
         recipe.load(planted)
+
+
+def _planted_winner(tmp_path):
+    planted = tmp_path / "winner"
+    shutil.copytree(ROOT / "configs" / "recipe" / "winner", planted)
+    data = json.loads((planted / "recipe.json").read_text())
+    student = next(s for s in data["stages"] if s["stage"] == "student")
+    return planted, data, student, planted / student["config"]
+
+
+def test_a_valid_fsdp_student_loads_and_its_post_pretraining_must_agree(tmp_path):
+    planted, data, student, path = _planted_winner(tmp_path)
+    student.update(engine="fsdp", accelerate_config="configs/accelerate/8xA100-fsdp.yaml")
+    (planted / "recipe.json").write_text(json.dumps(data))
+    cfg = json.loads(path.read_text())
+    cfg.setdefault("train", {})["fsdp"] = True
+    cfg.setdefault("pretrain", {})["data"] = ["data/extra.csv"]  # post-pretraining under FSDP too
+    cfg["pretrain"].setdefault("train", {})["fsdp"] = True
+    path.write_text(json.dumps(cfg))
+    _, stages = recipe.load(planted)
+    assert next(st for st, _ in stages if st.stage == "student").engine == "fsdp"
+    cfg["pretrain"]["train"]["fsdp"] = False  # … must say so
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="needs pretrain.train.fsdp = true"):
+        recipe.load(planted)
+    cfg["pretrain"] = {"train": {"fsdp": True}}  # no pretrain data: the flag is harmless but still not refused
+    path.write_text(json.dumps(cfg))
+    recipe.load(planted)
+    cfg["train"]["fsdp"] = False
+    path.write_text(json.dumps(cfg))
+    student["engine"] = "ddp"
+    student["accelerate_config"] = "configs/accelerate/8xA100-ddp.yaml"
+    (planted / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="sets pretrain.train.fsdp"):  # set without pretrain data: still refused
+        recipe.load(planted)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("configs/accelerate/nope.yaml", "not found"),
+    ("configs/accelerate/2xT4.yaml", "launches num_processes 2, the stage says processes 8"),
+])
+def test_the_accelerate_config_must_exist_and_launch_the_stage_processes(tmp_path, config, message):
+    planted, data, student, _ = _planted_winner(tmp_path)
+    student["accelerate_config"] = config
+    (planted / "recipe.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        recipe.load(planted)
+
+
+def test_the_accelerate_config_is_found_from_another_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a notebook's folder, say: the repository is found above the recipe
+    assert recipe.load(ROOT / "configs" / "recipe" / "winner")[1]
 
 
 def test_recipe_refuses_a_training_engine_on_an_inference_stage(tmp_path):
