@@ -10,9 +10,12 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+PROCESS_START = time.time()  # the budget of `lmsys predict` counts from here unless --started-at says
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -318,6 +321,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         data["time_budget_s"] = inference.parse_duration(args.time_budget)
     if args.tta is not None:
         data["tta"] = args.tta
+    if args.tta_rank:
+        data["tta_rank"] = args.tta_rank
     if args.temperature is not None:
         data["temperature"] = args.temperature
     pack = from_dict(PackConfig, data.get("pack", {}))
@@ -346,7 +351,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print("no --priors-from: rule rows get the uniform prior (pass train.csv to measure them)", file=sys.stderr)
     models, tokenizer, _ = inference.load_models(args.model, inference.devices_for(args.devices))
     work = Path(args.work_dir) if args.work_dir else Path(args.out).parent / "predict"
-    probs, report = inference.score(models, tokenizer, test, cfg, work_dir=work, priors=priors)
+    started = inference.parse_time(args.started_at) if args.started_at else PROCESS_START
+    probs, report = inference.score(models, tokenizer, test, cfg, work_dir=work, priors=priors, started_at=started)
     path = inference.write_submission(test["id"].tolist(), probs, args.out)
     print(f"{path}: {len(test)} rows; sources {report['sources']}"
           + (f"; deadline steps {report['steps']}" if report["steps"] else ""))
@@ -589,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_quantize)
 
     p = sub.add_parser("predict", help="score a test file with a (quantised) classifier → submission.csv: "
-                       "token-budget batches, swap-TTA, deadline guard, resumable")
+                       "token-budget batches, anytime swap-TTA, length-aware deadline, resumable")
     p.add_argument("--run-dir", help="a run folder: --model defaults to its quantized/ (else merged/), --data to "
                    "its data/holdout.csv, --out to predict/holdout_submission.csv")
     p.add_argument("--model", help="a quantised (lmsys quantize) or plain classifier folder")
@@ -602,6 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", dest="tta", action="store_false")
     p.add_argument("--max-length", type=int, help="prompt length in tokens (default 2048)")
     p.add_argument("--time-budget", help="e.g. 9h, 8h15m, 600 (default: 9 h minus 45 min)")
+    p.add_argument("--started-at", help="when the budget started: Unix seconds or an ISO time such as "
+                   "2026-12-01T09:00:00+00:00 (default: this process's start)")
+    p.add_argument("--tta-rank", choices=["entropy", "margin"],
+                   help="which rows get the swapped pass first when time is short (default: entropy)")
     p.add_argument("--temperature", type=float,
                    help="divide the logits by T (default: the model's contract, else its temperature.json, else 1)")
     p.add_argument("--no-temperature", action="store_true", help="T = 1, whatever the model folder says")

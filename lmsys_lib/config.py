@@ -345,16 +345,20 @@ class InferenceConfig:
     """The offline inference kernel (``lmsys_lib.inference``).
 
     Rows are packed with ``pack`` (the model's training format), sorted by length and batched under
-    ``token_budget`` padded tokens. ``tta`` also scores every row with A and B swapped and averages the
-    un-permuted probabilities. The deadline guard projects the finish from measured throughput and, when it
-    would pass ``time_budget_s``, degrades in order: no TTA for the remaining rows, then ``degrade_max_length``,
-    then the prior for what is left. Predictions are checkpointed every ``checkpoint_every`` rows.
+    ``token_budget`` padded tokens. ``tta``: anytime swap-TTA — after every row is scored once, the time left
+    goes to scoring rows with A and B swapped, most uncertain first (``tta_rank``: "entropy" or "margin" of
+    the first pass), and a row with both passes gets the mean of the un-permuted probabilities. The deadline
+    (``time_budget_s``, counted from the kernel's start) projects the finish with a length-aware time model;
+    when the first pass would not fit, the longest rows that do not fit are re-packed at
+    ``degrade_max_length``, then what is left at the deadline gets the prior. Predictions are checkpointed
+    every ``checkpoint_every`` rows.
     """
 
     pack: PackConfig = PackConfig(max_length=2048)
     token_budget: int = 16384  # padded tokens per forward (rows × longest row)
     max_batch_rows: int = 64
     tta: bool = True
+    tta_rank: str = "entropy"  # which rows get the swapped pass first: "entropy" or "margin" of the first pass
     time_budget_s: float = 9 * 3600.0 - 45 * 60  # Kaggle's 9 h minus 45 min: blur (15), start-up, writing
     degrade_max_length: int = 1024
     checkpoint_every: int = 1000  # rows between checkpoints (whole batches)
@@ -363,6 +367,7 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "temperature must be > 0")
+        _check(self.tta_rank in ("entropy", "margin"), "tta_rank must be 'entropy' or 'margin'")
         _check(self.token_budget >= 16 and self.max_batch_rows >= 1, "token_budget >= 16, max_batch_rows >= 1")
         _check(self.time_budget_s > 0, "time_budget_s must be > 0")
         _check(16 <= self.degrade_max_length <= self.pack.max_length,

@@ -1,4 +1,5 @@
-"""The offline inference kernel: token-budget batches, swap-TTA, two devices, deadline guard, resume.
+"""The offline inference kernel: token-budget batches, anytime swap-TTA, two devices, a length-aware deadline,
+resume.
 
 Contract:
 - ``predict_proba(models, tokenizer, frame, cfg)`` → (n, 3) probabilities in the input order, whatever
@@ -8,20 +9,28 @@ Contract:
   into batches of at most ``token_budget`` padded tokens; each batch is padded only to its longest row.
   The batch plan is a pure function of the rows and the config, so a resumed run computes exactly the
   batches an uninterrupted one would.
-- Swap-TTA: each row is also scored with A and B exchanged (the packer swaps the two spans; nothing else
-  moves); the swapped pass's probabilities are un-permuted with ``parsing.AB_SWAP`` and averaged.
+- Anytime swap-TTA: every row is first scored once, as given (pass 1); the time left is then spent on the
+  A/B-swapped pass (the packer swaps the two spans; nothing else moves), most uncertain rows first — ranked by
+  pass 1's entropy or margin (``tta_rank``) — for as many rows as the projected finish allows. A row with both
+  passes gets the mean of its probabilities (the swapped one un-permuted with ``parsing.AB_SWAP``). With time
+  for every row it is exactly full swap-TTA: the swapped batches are pass 1's batches. The rows chosen are
+  saved (``predictions/tta_plan.json``) so that a resumed run finishes the same plan.
 - Two devices: one model per device, each in its own thread, pulling batches from one queue (longest
   first) — both finish together whatever their speed. On a CPU the same code runs with one or two workers.
 - Non-finite logits: the batch is recomputed row by row in fp32 (the model is cast up and back, which is
-  lossless for fp16/bf16 weights); rows still non-finite get the prior, and the log names them. A CUDA
-  out-of-memory error splits the batch in halves and retries; one row that still does not fit gets the prior.
-- Deadline guard: before each batch the finish is projected from the measured padded-token throughput.
-  When it would pass ``time_budget_s`` it degrades in declared steps — (1) drop TTA for the remaining rows,
-  (2) re-pack the remaining rows at ``degrade_max_length``, (3) the prior for every row left — and records
-  each step taken. A complete, valid submission is always written.
-- Resume: finished batches are appended to ``work_dir/predictions/part-*.parquet`` every
+  lossless for fp16/bf16 weights); rows still non-finite get the prior (pass 1) or keep one pass (pass 2),
+  and the log names them. A CUDA out-of-memory error splits the batch in halves and retries; one row that
+  still does not fit gets the prior.
+- Deadline: the budget counts from the kernel's start (``started_at``: the notebook's first cell, the CLI's
+  process start). Batch times are modelled as ``a·tokens + b·Σ L² + c`` (matmuls, attention, per-batch
+  overhead), fitted online on the measured batches, and the remaining plan is projected with it. When pass 1
+  would end past the budget, only as many of the longest remaining rows as it takes are re-packed at
+  ``degrade_max_length``; if even that does not fit, the shortest rows go first and what is left at the
+  deadline gets the prior. Each step taken is recorded; a complete, valid submission is always written.
+- Resume: finished batches of both passes are appended to ``work_dir/predictions/part-*.parquet`` every
   ``checkpoint_every`` rows; a restarted run with the same ``work_dir`` (and the same rows and config)
-  skips them and ends with the same file as an uninterrupted run.
+  skips them and ends with the same file as an uninterrupted run. The batch plan of pass 1 is a pure
+  function of the rows and the config.
 - Rule priors: rows whose responses are both empty/null, one empty, or identical get the class frequencies
   measured on training rows of the same kind (``measure_priors``), when ``rule_priors`` is on.
 """
@@ -103,54 +112,118 @@ def uniform_priors() -> dict[str, Any]:
 
 # -- the kernel ------------------------------------------------------------------------------------
 
+TTA_RANKS = ("entropy", "margin")
+PLAIN, SWAP = "plain", "swap"  # the two passes of a row, as stored in the checkpoint parts
+
+
+def uncertainty(probs: np.ndarray, how: str = "entropy") -> np.ndarray:
+    """How unsure a first-pass prediction is (larger: less sure) — the order in which anytime TTA spends
+    its time. ``entropy``: −Σ p log p; ``margin``: −(p₁ − p₂), the gap between the two likeliest classes."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if how == "entropy":
+        return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
+    if how == "margin":
+        top = np.sort(probs, axis=1)
+        return -(top[:, -1] - top[:, -2])
+    raise ValueError(f"unknown TTA ranking {how!r}: one of {TTA_RANKS}")
+
 
 @dataclasses.dataclass
-class _Plan:
-    """What remains to run: batches of row positions, the ids per orientation, the passes per batch."""
+class _Pass:
+    """One orientation of some rows at one length: packed ids (row position → ids) and its temperature."""
 
-    batches: list[list[int]]
-    ids: dict[bool, list[Any]]  # swap → packed ids (row position → ids)
-    tta: bool
+    ids: dict[int, Any]
+    swap: bool
     max_length: int
     temperature: float = 1.0
 
 
 class _Guard:
-    """Projected finish from measured throughput; declares each degradation step once.
+    """The deadline: measured batch times, a length-aware model of them, the projected finish.
 
-    Each worker's first batch is left out of the rate (CUDA context, kernel selection and compilation make
-    it slow), and no projection is made before ``min_batches`` batches have been measured."""
+    A batch of ``n`` rows padded to ``L`` tokens is modelled as ``a·n·L + b·n·L² + c`` seconds — matmuls
+    grow with the tokens, attention with the square of the length, ``c`` is the per-batch overhead — fitted
+    by least squares with non-negative coefficients on every measured batch (fewer than three batches, or a
+    single length so far: ``a`` alone, the plain per-token rate). The clock counts from ``start`` — the
+    kernel's start when the caller knows it (Kaggle's 9 hours include installing and loading the model),
+    else the first call. Each worker's first batch is left out of the fit (CUDA context, kernel selection
+    and compilation make it slow)."""
 
-    def __init__(self, clock: Callable[[], float], log: Callable[[str], None], min_batches: int = 1):
+    def __init__(self, clock: Callable[[], float], log: Callable[[str], None], start: float | None = None):
         self.clock, self.log = clock, log
-        self.start = clock()
+        self.start = clock() if start is None else float(start)
+        self.xtx = np.zeros((3, 3))
+        self.xty = np.zeros(3)
+        self.yty = 0.0
+        self.batches = 0
         self.tokens = 0.0
         self.busy = 0.0
-        self.batches = 0
-        self.min_batches = min_batches
+        self.lengths: set[int] = set()
+        self.coef: np.ndarray | None = None
         self.steps: list[str] = []
 
-    def record(self, tokens: float, seconds: float) -> None:
-        self.tokens += tokens
-        self.busy += seconds
+    def record(self, rows: int, length: int, seconds: float) -> None:
+        x = np.array([rows * length, rows * float(length) ** 2, 1.0])
+        self.xtx += np.outer(x, x)
+        self.xty += x * seconds
+        self.yty += seconds * seconds
         self.batches += 1
+        self.tokens += rows * length
+        self.busy += seconds
+        self.lengths.add(int(length))
+        self.coef = None
+
+    def model(self) -> np.ndarray | None:
+        """(a, b, c) ≥ 0, or None before any batch was measured."""
+        if self.coef is None and self.batches and self.busy > 0:
+            if self.batches < 3 or len(self.lengths) < 2:
+                self.coef = np.array([self.busy / self.tokens, 0.0, 0.0])
+            else:
+                self.coef = _nonnegative_fit(self.xtx, self.xty, self.yty)
+        return self.coef
+
+    def seconds(self, rows: int, length: int) -> float:
+        coef = self.model()
+        return 0.0 if coef is None else float(coef @ [rows * length, rows * float(length) ** 2, 1.0])
+
+    def plan_seconds(self, shapes: Sequence[tuple[int, int]], workers: int) -> float:
+        return sum(self.seconds(n, length) for n, length in shapes) / max(1, workers)
 
     def rate(self) -> float | None:
-        ok = self.busy > 0 and self.tokens > 0 and self.batches >= self.min_batches
-        return self.tokens / self.busy if ok else None
-
-    def projected(self, remaining_tokens: float, workers: int) -> float | None:
-        rate = self.rate()
-        if rate is None or workers < 1:
-            return None
-        return self.clock() - self.start + remaining_tokens / (rate * workers)
+        return self.tokens / self.busy if self.busy > 0 and self.tokens > 0 else None
 
     def elapsed(self) -> float:
         return self.clock() - self.start
 
     def step(self, name: str, detail: str) -> None:
-        self.steps.append(name)
+        if name not in self.steps:
+            self.steps.append(name)
         self.log(f"deadline guard: {name} — {detail}")
+
+
+def _nonnegative_fit(xtx: np.ndarray, xty: np.ndarray, yty: float) -> np.ndarray:
+    """Least squares with every coefficient ≥ 0 (3 unknowns: each subset of them solved, the feasible one
+    with the smallest residual kept), from the normal equations; columns scaled for conditioning."""
+    import itertools
+
+    scale = np.sqrt(np.clip(np.diag(xtx), 1e-300, None))
+    a, v = xtx / np.outer(scale, scale), xty / scale
+    best, best_res = np.zeros(3), yty
+    for k in (1, 2, 3):
+        for subset in itertools.combinations(range(3), k):
+            idx = list(subset)
+            try:
+                beta = np.linalg.solve(a[np.ix_(idx, idx)], v[idx])
+            except np.linalg.LinAlgError:
+                continue
+            if (beta < 0).any():
+                continue
+            full = np.zeros(3)
+            full[idx] = beta
+            res = yty - 2 * full @ v + full @ a @ full
+            if res < best_res - 1e-12 * max(1.0, abs(yty)):
+                best, best_res = full, res
+    return best / scale
 
 
 def predict_proba(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig | None = None,
@@ -162,9 +235,14 @@ def predict_proba(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: Inferen
 def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig | None = None,
           work_dir: str | Path | None = None, priors: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, progress: bool = True,
-          clock: Callable[[], float] = time.perf_counter) -> tuple[np.ndarray, dict[str, Any]]:
+          clock: Callable[[], float] = time.time, started_at: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Score every row of ``frame`` (a conversation frame from ``parsing``) → ((n, 3) probabilities in
     input order, report).
+
+    Anytime TTA: every row is first scored once, as given (pass 1, longest batches first); the time left is
+    then spent on the A/B-swapped pass (pass 2), most uncertain rows first (``cfg.tta_rank`` on the pass-1
+    probabilities), for as many rows as the projected finish allows. With time for all of them the result
+    is exactly full swap-TTA (the same batches as pass 1, the same numbers).
 
     Args:
         models: one model, or one per device (a list), each already on its device and in eval mode.
@@ -173,10 +251,13 @@ def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig
         work_dir: where checkpoints go (``predictions/``); None: no checkpoints, no resume.
         priors: ``measure_priors`` output. None: the rule rows are scored by the model (a uniform guess
             would be worse than the model there) and fallbacks use the uniform prior.
-        clock: the deadline guard's clock (tests pass a fake one).
+        clock: the deadline's clock, seconds (tests pass a fake one).
+        started_at: when the budget started, on ``clock`` (the kernel's start: the notebook's first cell,
+            the CLI's process start); None: now.
     Returns:
-        probabilities and a report: rows per source (model, model without TTA, short, rule, prior),
-        degradation steps, NaN/OOM events, errors, throughput, seconds.
+        probabilities and a report: rows per source (``model`` = both passes, ``model:no-tta`` = pass 1
+        only, ``…:len<L>`` re-packed shorter, ``rule:…``, ``prior:…``), degradation steps, the TTA share,
+        NaN/OOM events, errors, the fitted time model, throughput, seconds.
     """
     from .prompting import Packer
 
@@ -187,45 +268,361 @@ def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig
         log("no measured priors: rule rows (empty / identical responses) are scored by the model")
     use_rules = cfg.rule_priors and priors is not None
     priors = priors or uniform_priors()
+    guard = _Guard(clock, log, started_at)
     start = time.perf_counter()
-    n = len(frame)
-    probs = np.full((n, 3), np.nan)
-    source = np.array([""] * n, dtype=object)
-    rules = rules_of(frame) if use_rules else [None] * n
+    kernel = _Kernel(models, tokenizer, frame, cfg, guard, priors, log, progress)
+    rules = rules_of(frame) if use_rules else [None] * len(frame)
     for i, rule in enumerate(rules):
         if rule is not None:
-            probs[i], source[i] = priors[rule], f"rule:{rule}"
-    store = _Store(work_dir, frame, cfg, models[0], priors if use_rules else None, log) if work_dir else None
-    if store:
-        for rows, block, how in store.load():
-            probs[rows], source[rows] = block, how
-    todo = [i for i in range(n) if not source[i]]
-    events: dict[str, Any] = {"nan_rows": 0, "prior_rows": [], "oom_splits": 0, "errors": [],
-                              "lock": threading.Lock()}
-    guard = _Guard(clock, log)
-    plan = _plan(frame, todo, tokenizer, cfg, cfg.pack.max_length, cfg.tta)
-    if store:
-        plan.batches = [b for b in plan.batches if not store.done.issuperset(b)]
-    log(f"inference: {n} rows, {n - len(todo)} by rule or resumed, {sum(map(len, plan.batches))} to score in "
-        f"{len(plan.batches)} batches on {len(models)} worker(s), TTA {'on' if cfg.tta else 'off'}, "
-        f"max_length {cfg.pack.max_length}, budget {cfg.time_budget_s / 3600:.2f} h")
-    _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress)
-    left = np.flatnonzero(source == "")
-    if len(left):  # nothing may stay empty: the deadline ran out, or every worker failed
-        probs[left], source[left] = priors["overall"], "prior:error" if events["errors"] else "prior:deadline"
-        events["prior_rows"] += [frame["id"].iloc[i] for i in left]
-    probs = _normalised(probs)
-    counts = pd.Series(source).value_counts().to_dict()
-    report = {"rows": n, "sources": {str(k): int(v) for k, v in counts.items()}, "steps": guard.steps,
-              "nan_rows": events["nan_rows"], "prior_rows": events["prior_rows"], "oom_splits": events["oom_splits"],
-              "errors": events["errors"], "tokens_per_s": guard.rate(),
-              "seconds": round(time.perf_counter() - start, 2), "workers": len(models), "config": to_dict(cfg)}
-    if store:
-        store.finish(report)
-    log(f"inference done in {report['seconds']:.1f} s: {report['sources']}"
-        + (f"; steps taken: {guard.steps}" if guard.steps else "")
-        + (f"; WARNING {len(events['errors'])} error(s): {events['errors'][:3]}" if events["errors"] else ""))
-    return probs, report
+            kernel.plain[i] = (np.asarray(priors[rule], dtype=np.float64), f"rule:{rule}")
+    if work_dir:
+        kernel.store = _Store(work_dir, frame, cfg, models[0], priors if use_rules else None, log)
+        for rows, block, how, which in kernel.store.load():
+            for r, p, s in zip(rows, block, how):
+                if which == SWAP:
+                    kernel.swapped[r] = p
+                else:
+                    kernel.plain[r] = (p, s)
+    model_rows = [i for i in range(len(frame)) if rules[i] is None]
+    log(f"inference: {len(frame)} rows, {len(frame) - len(model_rows)} by rule, {len(model_rows)} for the model "
+        f"on {len(models)} worker(s), TTA {'anytime (' + cfg.tta_rank + ')' if cfg.tta else 'off'}, max_length "
+        f"{cfg.pack.max_length}, budget {cfg.time_budget_s / 3600:.2f} h of which {guard.elapsed() / 60:.1f} min "
+        "already spent")
+    kernel.first_pass(model_rows)
+    if cfg.tta:
+        kernel.second_pass(model_rows)
+    return kernel.finish(start)
+
+
+class _Kernel:
+    """The state of one ``score`` call: what each row has, the queue of batches, the workers."""
+
+    def __init__(self, models, tokenizer, frame, cfg, guard, priors, log, progress):
+        self.models, self.tokenizer, self.frame, self.cfg = models, tokenizer, frame, cfg
+        self.guard, self.priors, self.log, self.progress = guard, priors, log, progress
+        self.plain: dict[int, tuple[np.ndarray, str]] = {}  # pass 1 (or rule / prior): probabilities, source
+        self.swapped: dict[int, np.ndarray] = {}  # pass 2, un-permuted probabilities
+        self.store: _Store | None = None
+        self.events: dict[str, Any] = {"nan_rows": 0, "prior_rows": [], "oom_splits": 0, "errors": [],
+                                       "lock": threading.Lock()}
+        self.tta_planned = 0
+        self.tta_rank = cfg.tta_rank
+        self.lengths_of: dict[int, Any] = {}  # row → its pass-1 ids at full length
+
+    # -- the two passes ---------------------------------------------------------------------------
+
+    def first_pass(self, model_rows: list[int]) -> None:
+        full = self._pass(model_rows, self.cfg.pack.max_length, swap=False)
+        batches = [b for b in self._batches(full, model_rows) if not all(r in self.plain for r in b)]
+        self._work(batches, full, PLAIN)
+        left = [r for r in model_rows if r not in self.plain]
+        if left:  # the deadline ran out, or every worker failed
+            how = "prior:error" if self.events["errors"] else "prior:deadline"
+            for r in left:
+                self.plain[r] = (np.asarray(self.priors["overall"], dtype=np.float64), how)
+            self.events["prior_rows"] += [self.frame["id"].iloc[r] for r in left]
+
+    def second_pass(self, model_rows: list[int]) -> None:
+        """Swapped pass for the most uncertain rows that fit; the chosen rows are saved (``tta_plan.json``)
+        so that a resumed run finishes the same plan."""
+        eligible = [r for r in model_rows if self.plain[r][1] == "model:no-tta"]  # pass 1 at full length
+        if not eligible:
+            return
+        saved = self.store.tta_plan() if self.store else None
+        chosen = [r for r in saved if r in set(eligible)] if saved is not None else None
+        if chosen is None:
+            probs = np.array([self.plain[r][0] for r in eligible])
+            order = np.argsort(-uncertainty(probs, self.tta_rank), kind="stable")
+            ranked = [eligible[i] for i in order]
+            chosen = self._fit_rows(ranked)
+            if self.store:
+                self.store.save_tta_plan(chosen, self.tta_rank)
+        rank = {r: i for i, r in enumerate(chosen)}
+        self.tta_planned = len(chosen)
+        if len(chosen) < len(eligible):
+            self.guard.step("no-tta", f"time for the swapped pass of {len(chosen)} of {len(eligible)} rows "
+                                      f"(the most uncertain by {self.tta_rank}); the others keep one pass")
+        swap = self._pass(sorted(chosen), self.cfg.pack.max_length, swap=True)
+        batches = self._batches(swap, sorted(chosen))
+        batches.sort(key=lambda b: min(rank[r] for r in b))  # most uncertain first: what a late stop keeps
+        self._work([b for b in batches if not all(r in self.swapped for r in b)], swap, SWAP)
+
+    def _fit_rows(self, ranked: list[int]) -> list[int]:
+        """The longest prefix of ``ranked`` whose swapped batches fit in the time left (all of it when
+        nothing has been measured: the guard stops a late batch anyway)."""
+        left = self.cfg.time_budget_s - self.guard.elapsed()
+        if self.guard.model() is None:
+            return ranked
+
+        def fits(k: int) -> bool:
+            rows = sorted(ranked[:k])
+            lengths = [len(self._packed_plain_len(r)) for r in rows]
+            shapes = [(len(b), max(lengths[i] for i in b)) for b in
+                      token_budget_batches(lengths, self.cfg.token_budget, self.cfg.max_batch_rows)]
+            return self.guard.plan_seconds(shapes, len(self.models)) <= left
+
+        lo, hi = 0, len(ranked)  # fits(lo) holds; find the largest k that fits
+        if fits(hi):
+            return ranked
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return ranked[:lo]
+
+    def _packed_plain_len(self, row: int) -> Any:
+        return self.lengths_of[row]
+
+    # -- plans --------------------------------------------------------------------------------------
+
+    def _pass(self, rows: list[int], max_length: int, swap: bool) -> _Pass:
+        from .prompting import Packer
+
+        pack = dataclasses.replace(self.cfg.pack, max_length=max_length)
+        part = self.frame.iloc[rows]
+        ids: dict[int, Any] = {}
+        if rows:
+            table = Packer(self.tokenizer, pack).pack_frame_orientations(part, (swap,))[0]
+            ids = dict(zip(rows, table["input_ids"]))
+        if not swap and max_length == self.cfg.pack.max_length:
+            self.lengths_of = ids
+        return _Pass(ids, swap, max_length, self.cfg.temperature)
+
+    def _batches(self, current: _Pass, rows: list[int]) -> list[list[int]]:
+        """Length-sorted batches under the token budget, longest first — a pure function of the rows."""
+        lengths = [len(current.ids[r]) for r in rows]
+        return [[rows[i] for i in b] for b in
+                token_budget_batches(lengths, self.cfg.token_budget, self.cfg.max_batch_rows)]
+
+    def _shape(self, current: _Pass, batch: list[int]) -> tuple[int, int]:
+        return len(batch), max(len(current.ids[r]) for r in batch)
+
+    # -- the workers -----------------------------------------------------------------------------------
+
+    def _work(self, batches: list[list[int]], first: _Pass, which: str) -> None:
+        from tqdm.auto import tqdm
+
+        work: queue.Queue = queue.Queue()
+        for batch in batches:
+            work.put((batch, first))
+        lock = threading.Lock()
+        state = {"stop": False, "alive": len(self.models), "racing": False, "shortened": False}
+        bar = tqdm(total=sum(map(len, batches)), desc="predict" if which == PLAIN else "swap-TTA", unit="row",
+                   disable=not self.progress)
+        alive = set(range(len(self.models)))
+        failed_by: dict[tuple[int, ...], set[int]] = {}
+
+        def next_batch() -> tuple[list[int], _Pass] | None:
+            with lock:
+                if state["stop"]:
+                    return None
+                if which == PLAIN:
+                    self._degrade(work, state)
+                elif work.queue:
+                    batch, current = work.queue[0]
+                    if self.guard.elapsed() + self.guard.seconds(*self._shape(current, batch)) > self.cfg.time_budget_s:
+                        state["stop"] = True
+                        left = sum(len(b) for b, _ in work.queue)
+                        self.guard.step("no-tta", f"time budget reached: {left} planned rows keep one pass")
+                if state["stop"]:
+                    return None
+                try:
+                    return work.get_nowait()
+                except queue.Empty:
+                    return None
+
+        def finish(batch: list[int], current: _Pass, block: np.ndarray | None, seconds: float, warm: bool) -> None:
+            with lock:
+                if block is not None and warm:  # a worker's first batch carries its warm-up: not measured
+                    self.guard.record(*self._shape(current, batch), seconds)
+                if which == SWAP:
+                    if block is None:
+                        return
+                    keep = np.isfinite(block).all(axis=1)  # a failed swapped row keeps its one pass
+                    rows = [r for r, k in zip(batch, keep) if k]
+                    block = block[keep][:, list(AB_SWAP)]
+                    for r, p in zip(rows, block):
+                        self.swapped[r] = p
+                    labels = ["model"] * len(rows)
+                else:
+                    rows = batch
+                    how = "model:no-tta" + (f":len{current.max_length}"
+                                            if current.max_length < self.cfg.pack.max_length else "")
+                    if block is None:  # the batch failed twice on every worker that tried it
+                        block, labels = np.tile(self.priors["overall"], (len(batch), 1)), ["prior:error"] * len(batch)
+                    else:
+                        bad = ~np.isfinite(block).all(axis=1)
+                        block[bad] = self.priors["overall"]
+                        labels = [("prior:non-finite" if b else how) for b in bad]
+                    for r, p, s in zip(rows, block, labels):
+                        self.plain[r] = (p, s)
+                    self.events["prior_rows"] += [self.frame["id"].iloc[r] for r, lab in zip(rows, labels)
+                                                  if lab.startswith("prior")]
+                if self.store and rows:
+                    self.store.add(rows, block, labels, which)
+                bar.update(len(batch))
+                remaining = [self._shape(c, b) for b, c in work.queue]
+                eta = self.guard.elapsed() + self.guard.plan_seconds(remaining, state["alive"])
+                if self.guard.model() is not None:
+                    bar.set_postfix_str(f"done ≈ {eta / 60:.1f} min of {self.cfg.time_budget_s / 60:.0f}")
+
+        def give_up_or_requeue(batch: list[int], current: _Pass, me: int) -> bool:
+            """After a batch failed twice on worker ``me``: True → back to the queue for another worker that
+            has not failed it; False → it gets the prior (pass 1) or keeps one pass (pass 2)."""
+            with lock:
+                tried = failed_by.setdefault(tuple(batch), set())
+                tried.add(me)
+                if [w for w in alive if w not in tried]:
+                    work.put((batch, current))
+                    return True
+                return False
+
+        def worker(me: int, model: Any) -> None:
+            warm, failures_in_a_row = False, 0
+            try:
+                while (item := next_batch()) is not None:
+                    batch, current = item
+                    block, seconds = None, 0.0
+                    for attempt in (1, 2):  # a failing batch is retried once on this worker
+                        t0 = self.guard.clock()
+                        try:
+                            block = _score_batch(model, self.tokenizer, batch, current, self.events, self.log)
+                            seconds = self.guard.clock() - t0
+                            break
+                        except Exception as err:  # noqa: BLE001 — reported; the run goes on
+                            with self.events["lock"]:
+                                self.events["errors"].append(f"{type(err).__name__}: {str(err)[:200]}")
+                            self.log(f"batch of {len(batch)} rows failed on worker {me} ({_device(model)}, "
+                                     f"attempt {attempt}): {type(err).__name__}: {err}")
+                    if block is None:
+                        failures_in_a_row += 1
+                        if give_up_or_requeue(batch, current, me):
+                            if failures_in_a_row >= 2:
+                                self.log(f"worker {me} failed two batches in a row: it stops, the others go on")
+                                return
+                            continue
+                    else:
+                        failures_in_a_row = 0
+                    finish(batch, current, block, seconds, warm)
+                    warm = warm or block is not None
+            except BaseException as err:  # KeyboardInterrupt / SystemExit in a worker: stop the run, re-raise
+                with lock:
+                    state["stop"], state["fatal"] = True, err
+            finally:
+                with lock:
+                    state["alive"] -= 1
+                    alive.discard(me)
+
+        threads = [threading.Thread(target=worker, args=(i, m), daemon=True) for i, m in enumerate(self.models)]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+        except KeyboardInterrupt:  # a user stopping the notebook: let the workers end their batch, save, stop
+            with lock:
+                state["stop"] = True
+            for t in threads:
+                t.join()
+            if self.store:
+                self.store.flush()
+            raise
+        finally:
+            bar.close()
+        if self.store:
+            self.store.flush()
+        if state.get("fatal") is not None:
+            raise state["fatal"]
+
+    def _degrade(self, work: queue.Queue, state: dict[str, Any]) -> None:
+        """Pass 1, under the lock, before each batch: when the projected end of pass 1 is past the budget,
+        re-pack only as many of the longest remaining rows at ``degrade_max_length`` as it takes to fit;
+        when even that is not enough, score the shortest rows first until the time is spent (the rest get
+        the prior). A batch that would end past the budget is not started."""
+        cfg, guard = self.cfg, self.guard
+        if not work.queue:
+            return
+        head, current = work.queue[0]
+        if guard.elapsed() + guard.seconds(*self._shape(current, head)) > cfg.time_budget_s:
+            state["stop"] = True
+            guard.step("prior", f"time budget reached with {sum(len(b) for b, _ in work.queue)} rows left: "
+                                "they get the prior")
+            return
+        if guard.model() is None or state["racing"]:
+            return
+        left = cfg.time_budget_s - guard.elapsed()
+        queued = list(work.queue)
+        if guard.plan_seconds([self._shape(c, b) for b, c in queued], state["alive"]) <= left:
+            return
+        if not state["shortened"] and cfg.degrade_max_length < cfg.pack.max_length:
+            state["shortened"] = True
+            rows = [r for b, _ in queued for r in b]  # longest first
+            short = self._pass(rows, cfg.degrade_max_length, swap=False)
+
+            def plan(j: int) -> list[tuple[list[int], _Pass]]:
+                """The first j queued batches' rows re-packed short, the rest as they are."""
+                cut = [r for b, _ in queued[:j] for r in b]
+                return [(b, short) for b in self._batches(short, cut)] + queued[j:]
+
+            def fits(j: int) -> bool:
+                return guard.plan_seconds([self._shape(c, b) for b, c in plan(j)], state["alive"]) <= left
+
+            lo, hi = 0, len(queued)  # fits(lo) is False; the smallest j that fits, or all
+            if fits(hi):
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+            new = sorted(plan(hi), key=lambda item: -self._shape(item[1], item[0])[1])  # longest first still
+            with work.mutex:
+                work.queue.clear()
+                work.queue.extend(new)
+            n_short = sum(len(b) for b, _ in queued[:hi])
+            guard.step("short", f"pass 1 projected past the budget: the {n_short} longest of {len(rows)} remaining "
+                                f"rows re-packed at max_length {cfg.degrade_max_length}")
+            return
+        with work.mutex:  # the last stage: as many rows as the time allows, cheapest first
+            ordered = sorted(work.queue, key=lambda item: self._shape(item[1], item[0])[1])
+            work.queue.clear()
+            work.queue.extend(ordered)
+        state["racing"] = True
+        self.log(f"deadline guard: pass 1 projected past the budget even at max_length {cfg.degrade_max_length}: "
+                 "scoring the shortest remaining rows first; what is left at the deadline gets the prior")
+
+    # -- the result ----------------------------------------------------------------------------------
+
+    def finish(self, start: float) -> tuple[np.ndarray, dict[str, Any]]:
+        n = len(self.frame)
+        probs = np.zeros((n, 3))
+        source = np.array([""] * n, dtype=object)
+        for r in range(n):
+            p, how = self.plain[r]
+            if r in self.swapped and how.startswith("model:no-tta"):
+                p, how = (p + self.swapped[r]) / 2, "model" + how[len("model:no-tta"):]
+            probs[r], source[r] = p, how
+        probs = _normalised(probs)
+        counts = pd.Series(source).value_counts().to_dict()
+        guard, model = self.guard, self.guard.model()
+        scored = sum(1 for s in source if s.startswith("model"))
+        tta = sum(1 for s in source if s == "model" or s.startswith("model:len"))
+        report = {"rows": n, "sources": {str(k): int(v) for k, v in counts.items()}, "steps": guard.steps,
+                  "tta_rows": tta, "tta_share": round(tta / scored, 4) if scored else 0.0,
+                  "tta_planned": self.tta_planned, "tta_rank": self.tta_rank,
+                  "nan_rows": self.events["nan_rows"], "prior_rows": self.events["prior_rows"],
+                  "oom_splits": self.events["oom_splits"], "errors": self.events["errors"],
+                  "tokens_per_s": guard.rate(),
+                  "time_model": None if model is None else dict(zip(("a_per_token", "b_per_token_length", "c_per_batch"),
+                                                                    map(float, model))),
+                  "budget_s": self.cfg.time_budget_s, "elapsed_s": round(guard.elapsed(), 2),
+                  "seconds": round(time.perf_counter() - start, 2), "workers": len(self.models),
+                  "config": to_dict(self.cfg)}
+        if self.store:
+            self.store.finish(report)
+        self.log(f"inference done in {report['seconds']:.1f} s: {report['sources']}, swap-TTA on "
+                 f"{100 * report['tta_share']:.0f} % of the model's rows"
+                 + (f"; steps taken: {guard.steps}" if guard.steps else "")
+                 + (f"; WARNING {len(self.events['errors'])} error(s): {self.events['errors'][:3]}"
+                    if self.events["errors"] else ""))
+        return probs, report
 
 
 def _normalised(probs: np.ndarray) -> np.ndarray:
@@ -233,208 +630,18 @@ def _normalised(probs: np.ndarray) -> np.ndarray:
     return probs / probs.sum(axis=1, keepdims=True)
 
 
-def _plan(frame: pd.DataFrame, rows: list[int], tokenizer: Any, cfg: InferenceConfig, max_length: int,
-          tta: bool) -> _Plan:
-    from .prompting import Packer
-
-    pack = dataclasses.replace(cfg.pack, max_length=max_length)
-    part = frame.iloc[rows]
-    swaps = (False, True) if tta else (False,)
-    packed = Packer(tokenizer, pack).pack_frame_orientations(part, swaps) if rows else [pd.DataFrame()] * len(swaps)
-    ids: dict[bool, list[Any]] = {}
-    for swap, table in zip(swaps, packed):
-        full: list[Any] = [None] * len(frame)
-        for pos, x in zip(rows, table["input_ids"] if rows else []):
-            full[pos] = x
-        ids[swap] = full
-    lengths = [len(ids[False][r]) for r in rows]
-    local = token_budget_batches(lengths, cfg.token_budget, cfg.max_batch_rows)
-    return _Plan([[rows[i] for i in b] for b in local], ids, tta, max_length, cfg.temperature)
-
-
-def _padded_tokens(plan: _Plan, batches: list[list[int]]) -> float:
-    passes = 2 if plan.tta else 1
-    return float(sum(len(b) * max(len(plan.ids[False][r]) for r in b) for b in batches) * passes)
-
-
-def _run(models, tokenizer, frame, plan, cfg, guard, probs, source, events, store, priors, log, progress) -> None:
-    from tqdm.auto import tqdm
-
-    work: queue.Queue = queue.Queue()
-    for batch in plan.batches:
-        work.put(batch)
-    lock = threading.Lock()
-    state = {"plan": plan, "stop": False, "remaining": _padded_tokens(plan, plan.batches), "alive": len(models),
-             "racing": False}
-    bar = tqdm(total=sum(map(len, plan.batches)), desc="predict", unit="row", disable=not progress)
-
-    def next_batch() -> tuple[list[int], _Plan] | None:
-        with lock:
-            if state["stop"]:
-                return None
-            _degrade(frame, tokenizer, cfg, guard, state, work, log)
-            if state["stop"]:
-                return None
-            try:
-                batch = work.get_nowait()
-            except queue.Empty:
-                return None
-            state["remaining"] -= _padded_tokens(state["plan"], [batch])
-            return batch, state["plan"]
-
-    def finish(batch: list[int], current: _Plan, block: np.ndarray | None, seconds: float, first: bool) -> None:
-        how = "model" if current.tta else "model:no-tta"
-        if current.max_length < cfg.pack.max_length:
-            how += f":len{current.max_length}"
-        with lock:
-            if block is None:  # the batch failed twice on this worker
-                block, labels = np.tile(priors["overall"], (len(batch), 1)), ["prior:error"] * len(batch)
-            else:
-                if not first:  # a worker's first batch carries its warm-up: left out of the rate
-                    guard.record(_padded_tokens(current, [batch]), seconds)
-                bad = ~np.isfinite(block).all(axis=1)
-                block[bad] = priors["overall"]
-                labels = [("prior:non-finite" if b else how) for b in bad]
-            probs[batch] = block
-            source[batch] = labels
-            events["prior_rows"] += [frame["id"].iloc[r] for r, lab in zip(batch, labels) if lab.startswith("prior")]
-            if store:
-                store.add(batch, probs[batch], source[batch])
-            bar.update(len(batch))
-            eta = guard.projected(state["remaining"], state["alive"])
-            if eta is not None:
-                bar.set_postfix_str(f"finish ≈ {eta / 60:.1f} min of {cfg.time_budget_s / 60:.0f}")
-
-    failed_by: dict[tuple[int, ...], set[int]] = {}
-
-    def give_up_or_requeue(batch: list[int], current: _Plan, me: int) -> bool:
-        """After a batch failed twice on worker ``me``: True → it goes back to the queue for another worker
-        that has not failed it; False → it gets the prior."""
-        with lock:
-            tried = failed_by.setdefault(tuple(batch), set())
-            tried.add(me)
-            others = [w for w in alive if w not in tried]
-            if others and current is state["plan"]:
-                work.put(batch)
-                state["remaining"] += _padded_tokens(current, [batch])
-                return True
-            return False
-
-    alive = set(range(len(models)))
-
-    def worker(me: int, model: Any) -> None:
-        first, failures_in_a_row = True, 0
-        try:
-            while (item := next_batch()) is not None:
-                batch, current = item
-                block, seconds = None, 0.0
-                for attempt in (1, 2):  # a failing batch is retried once on this worker
-                    t0 = guard.clock()
-                    try:
-                        block = _score_batch(model, tokenizer, batch, current, events, log)
-                        seconds = guard.clock() - t0
-                        break
-                    except Exception as err:  # noqa: BLE001 — reported; the run goes on
-                        with events["lock"]:
-                            events["errors"].append(f"{type(err).__name__}: {str(err)[:200]}")
-                        log(f"batch of {len(batch)} rows failed on worker {me} ({_device(model)}, attempt "
-                            f"{attempt}): {type(err).__name__}: {err}")
-                if block is None:
-                    failures_in_a_row += 1
-                    if give_up_or_requeue(batch, current, me):
-                        if failures_in_a_row >= 2:
-                            log(f"worker {me} failed two batches in a row: it stops, the others go on")
-                            return
-                        continue
-                else:
-                    failures_in_a_row = 0
-                finish(batch, current, block, seconds, first)
-                first = False
-        except BaseException as err:  # KeyboardInterrupt / SystemExit in a worker: stop the run, re-raise
-            with lock:
-                state["stop"], state["fatal"] = True, err
-        finally:
-            with lock:
-                state["alive"] -= 1
-                alive.discard(me)
-
-    threads = [threading.Thread(target=worker, args=(i, m), daemon=True) for i, m in enumerate(models)]
-    for t in threads:
-        t.start()
-    try:
-        for t in threads:
-            while t.is_alive():
-                t.join(timeout=0.5)
-    except KeyboardInterrupt:  # a user stopping the notebook: let the workers end their batch, save, stop
-        with lock:
-            state["stop"] = True
-        for t in threads:
-            t.join()
-        if store:
-            store.flush()
-        raise
-    finally:
-        bar.close()
-    if store:
-        store.flush()
-    if state.get("fatal") is not None:
-        raise state["fatal"]
-
-
-def _degrade(frame, tokenizer, cfg, guard, state, work, log) -> None:
-    """Called (under the lock) before each batch: take the next declared step while the projection
-    exceeds the budget; in the last stage keep scoring — shortest rows first — until the time is spent."""
-    plan: _Plan = state["plan"]
-    rate = guard.rate()
-    nxt = _padded_tokens(plan, [work.queue[0]]) / rate if rate and work.queue else 0.0
-    if guard.elapsed() + nxt > cfg.time_budget_s:
-        state["stop"] = True
-        guard.step("prior", f"time budget reached with {sum(map(len, work.queue))} rows left: they get the prior")
-        return
-    projected = guard.projected(state["remaining"], state["alive"])
-    if projected is None or projected <= cfg.time_budget_s or state["racing"]:
-        return
-    remaining = list(work.queue)
-    if plan.tta:
-        state["plan"] = dataclasses.replace(plan, tta=False)
-        state["remaining"] = _padded_tokens(state["plan"], remaining)
-        guard.step("no-tta", f"projected {projected / 60:.1f} min > budget {cfg.time_budget_s / 60:.1f} min: "
-                             f"TTA dropped for the remaining {sum(map(len, remaining))} rows")
-        return
-    if plan.max_length > cfg.degrade_max_length:
-        rows = sorted(r for b in remaining for r in b)
-        short = _plan(frame, rows, tokenizer, cfg, cfg.degrade_max_length, False)
-        with work.mutex:
-            work.queue.clear()
-        for batch in short.batches:
-            work.put(batch)
-        state["plan"] = short
-        state["remaining"] = _padded_tokens(short, short.batches)
-        guard.step("short", f"projected {projected / 60:.1f} min: the remaining {len(rows)} rows re-packed at "
-                            f"max_length {cfg.degrade_max_length}")
-        return
-    with work.mutex:  # the last stage: as many rows as the time allows, cheapest first
-        work.queue.reverse()
-    state["racing"] = True
-    log(f"deadline guard: projected {projected / 60:.1f} min even without TTA at max_length {plan.max_length}: "
-        "scoring the shortest remaining rows first; what is left at the deadline gets the prior")
-
-
 def _device(model: Any) -> Any:
     return next(model.parameters()).device
 
 
-def _score_batch(model: Any, tokenizer: Any, batch: list[int], plan: _Plan, events: dict[str, Any],
+def _score_batch(model: Any, tokenizer: Any, batch: list[int], current: _Pass, events: dict[str, Any],
                  log: Callable[[str], None]) -> np.ndarray:
-    """(len(batch), 3) probabilities: plain pass (+ un-permuted swapped pass), NaN and OOM handled."""
+    """(len(batch), 3) probabilities of one pass over the batch (NaN and OOM handled; non-finite rows stay
+    NaN for the caller). The swapped pass's columns are still in the swapped order."""
     from .metrics import softmax
 
-    t = plan.temperature
-    out = softmax(_logits(model, tokenizer, [plan.ids[False][r] for r in batch], events, log), temperature=t)
-    if plan.tta:
-        swapped = softmax(_logits(model, tokenizer, [plan.ids[True][r] for r in batch], events, log), temperature=t)
-        out = (out + swapped[:, list(AB_SWAP)]) / 2
-    return out
+    return softmax(_logits(model, tokenizer, [current.ids[r] for r in batch], events, log),
+                   temperature=current.temperature)
 
 
 def _logits(model: Any, tokenizer: Any, rows: list[Any], events: dict[str, Any],
@@ -641,7 +848,6 @@ class _Store:
         self.ids = frame["id"].astype(str).tolist()
         self.pending: list[pd.DataFrame] = []
         self.pending_rows = 0
-        self.done: set[int] = set()
         self.session = uuid.uuid4().hex[:8]
         self.enabled = True
         settings = {k: v for k, v in to_dict(cfg).items() if k not in ("time_budget_s", "checkpoint_every")}
@@ -658,23 +864,41 @@ class _Store:
                              "another work dir (or delete it to start over)")
         meta.write_text(json.dumps(key, indent=2), encoding="utf-8")
 
-    def load(self) -> list[tuple[list[int], np.ndarray, list[str]]]:
+    def load(self) -> list[tuple[list[int], np.ndarray, list[str], str]]:
+        """Every saved batch: (rows, probabilities, sources, pass) — pass 1 (``plain``) or the swapped pass."""
         out = []
         for part in sorted(self.dir.glob("part-*.parquet")):
             table = pd.read_parquet(part)
-            rows = table["position"].tolist()
-            if [self.ids[r] for r in rows] != table["id"].astype(str).tolist():
+            if "pass" not in table:
+                raise ValueError(f"{part}: a checkpoint part without its pass column (an older version's run); "
+                                 "use another work dir")
+            if [self.ids[r] for r in table["position"]] != table["id"].astype(str).tolist():
                 raise ValueError(f"{part}: ids do not match the rows at their positions (another test file?)")
-            out.append((rows, table[list(LABEL_COLUMNS)].to_numpy(), table["source"].tolist()))
-            self.done.update(rows)
+            for which, group in table.groupby("pass", sort=False):
+                out.append((group["position"].tolist(), group[list(LABEL_COLUMNS)].to_numpy(),
+                            group["source"].tolist(), str(which)))
         return out
 
-    def add(self, rows: list[int], probs: np.ndarray, source: Sequence[str]) -> None:
+    def tta_plan(self) -> list[int] | None:
+        """The rows a previous session chose for the swapped pass, most uncertain first (None: not chosen yet)."""
+        path = self.dir / "tta_plan.json"
+        return json.loads(path.read_text(encoding="utf-8"))["rows"] if path.exists() else None
+
+    def save_tta_plan(self, rows: list[int], rank: str) -> None:
+        self.flush()  # pass 1 complete on disk before the plan that depends on it
+        try:
+            tmp = self.dir / "tta_plan.json.tmp"
+            tmp.write_text(json.dumps({"rows": [int(r) for r in rows], "rank": rank}), encoding="utf-8")
+            tmp.rename(self.dir / "tta_plan.json")
+        except OSError as err:
+            self.log(f"WARNING: TTA plan not written ({err}); a resumed run would choose again")
+
+    def add(self, rows: list[int], probs: np.ndarray, source: Sequence[str], which: str) -> None:
         if not self.enabled:
             return
         self.pending.append(pd.DataFrame({"position": rows, "id": [self.ids[r] for r in rows],
                                           **{c: probs[:, i] for i, c in enumerate(LABEL_COLUMNS)},
-                                          "source": list(source)}))
+                                          "source": list(source), "pass": which}))
         self.pending_rows += len(rows)
         if self.pending_rows >= self.every:
             self.flush()
@@ -730,3 +954,20 @@ def parse_duration(text: str | float) -> float:
     h, m, s = (float(g) if g else 0.0 for g in parts.groups())
     return h * 3600 + m * 60 + s
 
+
+
+def parse_time(text: str | float) -> float:
+    """Unix seconds, or an ISO 8601 time (a time without a zone is UTC) → Unix seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(f"cannot read a time from {text!r} (Unix seconds, or e.g. 2026-12-01T09:00:00+00:00)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()

@@ -4,6 +4,7 @@ deadline guard, NaN and OOM handling, awkward rows, rule priors, the `lmsys pred
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 
@@ -95,29 +96,37 @@ class _Interrupt:
 
 
 def test_killed_run_resumes_to_the_identical_file(loaded, synth_frame, tmp_path, tokenizer):
+    """Killed in pass 1 (the 9th forward) or in the swapped pass (the 22nd): the resumed run writes the same file
+    as an uninterrupted one, and no row of either pass is lost or scored twice."""
     model, tok = loaded
     frame = synth_frame.iloc[:120]
-    probs, _ = _predict(model, tok, frame)
+    probs, first = _predict(model, tok, frame)
     whole = inference.write_submission(frame["id"], probs, tmp_path / "whole.csv")
-    stop = _Interrupt(model, 9)
-    with pytest.raises(KeyboardInterrupt):
-        _predict(model, tok, frame, work_dir=tmp_path / "work")
-    stop.handle.remove()
-    saved = sum(len(pd.read_parquet(p)) for p in (tmp_path / "work" / "predictions").glob("part-*.parquet"))
-    assert 0 < saved < 120
-    resumed, report = _predict(model, tok, frame, work_dir=tmp_path / "work")
-    again = inference.write_submission(frame["id"], resumed, tmp_path / "resumed.csv")
-    assert whole.read_bytes() == again.read_bytes()
-    assert report["sources"] == {"model": 120}
-    parts = pd.concat(pd.read_parquet(p) for p in (tmp_path / "work" / "predictions").glob("part-*.parquet"))
-    assert sorted(parts["position"]) == list(range(120))  # no row lost or duplicated
+    forwards = 2 * first["rows"] // 8  # about: 8 rows a batch, two passes
+    for kill in (9, 22):
+        assert kill < forwards
+        work = tmp_path / f"work{kill}"
+        stop = _Interrupt(model, kill)
+        with pytest.raises(KeyboardInterrupt):
+            _predict(model, tok, frame, work_dir=work)
+        stop.handle.remove()
+        parts = pd.concat(pd.read_parquet(p) for p in (work / "predictions").glob("part-*.parquet"))
+        assert 0 < len(parts) < 240 and (kill < 15) == (set(parts["pass"]) == {"plain"})
+        resumed, report = _predict(model, tok, frame, work_dir=work)
+        again = inference.write_submission(frame["id"], resumed, tmp_path / f"resumed{kill}.csv")
+        assert whole.read_bytes() == again.read_bytes()
+        assert report["sources"] == {"model": 120}
+        parts = pd.concat(pd.read_parquet(p) for p in (work / "predictions").glob("part-*.parquet"))
+        for which in ("plain", "swap"):  # no row lost or duplicated, in either pass
+            assert sorted(parts.loc[parts["pass"] == which, "position"]) == list(range(120)), which
+    work = tmp_path / "work9"
     with pytest.raises(ValueError, match="another model, other rows or other settings"):
-        _predict(model, tok, synth_frame.iloc[:50], work_dir=tmp_path / "work")
+        _predict(model, tok, synth_frame.iloc[:50], work_dir=work)
     other, _, _ = inference.load_models(_other_model(tmp_path, tokenizer), inference.devices_for("cpu"), log=lambda _: None)
     with pytest.raises(ValueError, match="another model"):  # never another model's predictions
-        _predict(other[0], tok, frame, work_dir=tmp_path / "work")
+        _predict(other[0], tok, frame, work_dir=work)
     longer = InferenceConfig(**{**CFG.__dict__, "time_budget_s": 3600.0, "checkpoint_every": 7})
-    resumed_again, _ = _predict(model, tok, frame, longer, work_dir=tmp_path / "work")  # budget may change
+    resumed_again, _ = _predict(model, tok, frame, longer, work_dir=work)  # budget may change
     assert np.array_equal(resumed_again, resumed)
 
 
@@ -135,19 +144,104 @@ def _fake_clock(step):
     return lambda: next(ticks) * step
 
 
-def test_deadline_guard_degrades_in_declared_steps_and_writes_a_full_file(loaded, synth_frame, tmp_path):
+class _CostClock:
+    """A fake clock that each forward moves on by a·n·L + b·n·L² + c "seconds" (n rows padded to L tokens):
+    batch times that grow with the square of the length, as attention's do."""
+
+    def __init__(self, model, a=1e-3, b=2e-5, c=0.05):
+        self.a, self.b, self.c, self.now = a, b, c, 0.0
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        n, length = kwargs["input_ids"].shape
+        self.now += self.a * n * length + self.b * n * length ** 2 + self.c
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _timed(model, tok, frame, cfg):
+    """Probabilities, report and fake seconds of a run with all the time it needs."""
+    with _CostClock(model) as clock:
+        probs, report = _predict(model, tok, frame, dataclasses.replace(cfg, time_budget_s=1e9), clock=lambda: clock.now)
+    return probs, report, clock.now
+
+
+@pytest.mark.parametrize("rank", ["entropy", "margin"])
+def test_anytime_tta_spends_the_time_left_on_the_most_uncertain_rows(loaded, synth_frame, rank):
     model, tok = loaded
     frame = synth_frame.iloc[:150]
-    cfg = InferenceConfig(**{**CFG.__dict__, "time_budget_s": 30.0, "token_budget": 512})
+    cfg = dataclasses.replace(CFG, token_budget=512, tta_rank=rank)
+    one, _, pass1 = _timed(model, tok, frame, dataclasses.replace(cfg, tta=False))
+    full, report, both = _timed(model, tok, frame, cfg)
+    assert report["sources"] == {"model": 150} and report["tta_share"] == 1.0 and report["steps"] == []
+    assert both == pytest.approx(2 * pass1)  # the swapped pass: the same batches again
+    with _CostClock(model) as clock:
+        probs, report = _predict(model, tok, frame, dataclasses.replace(cfg, time_budget_s=1.5 * pass1),
+                                 clock=lambda: clock.now)
+    assert clock.now <= 1.5 * pass1 and report["steps"] == ["no-tta"]
+    assert set(report["sources"]) == {"model", "model:no-tta"} and 0.3 < report["tta_share"] < 0.7
+    # each row: both passes (its swapped batch has other rows than under full TTA: equal to float rounding),
+    # or pass 1 alone (the same batch: bit for bit)
+    tta = np.array([np.allclose(p, f, rtol=0, atol=1e-6) for p, f in zip(probs, full)])
+    single = np.array([np.array_equal(p, o) for p, o in zip(probs, one)])
+    assert (tta ^ single).all() and tta.sum() == report["tta_rows"] == report["sources"]["model"]
+    unsure = inference.uncertainty(one, rank)
+    assert unsure[tta].min() >= unsure[~tta].max()  # exactly the most uncertain rows got the second pass
+
+
+def test_the_deadline_shortens_only_the_rows_that_do_not_fit(loaded, synth_frame, tmp_path):
+    model, tok = loaded
+    frame = synth_frame.iloc[:150]
+    cfg = dataclasses.replace(CFG, token_budget=512, tta=False)
+    _, _, pass1 = _timed(model, tok, frame, cfg)
     said = []
-    probs, report = _predict(model, tok, frame, cfg, clock=_fake_clock(1.0), log=said.append)
-    assert report["steps"] == ["no-tta", "short", "prior"], said
+    with _CostClock(model) as clock:
+        probs, report = _predict(model, tok, frame, dataclasses.replace(cfg, time_budget_s=0.9 * pass1),
+                                 clock=lambda: clock.now, log=said.append)
+    assert report["steps"] == ["short"] and clock.now <= 0.9 * pass1, said
     sources = report["sources"]
-    assert set(sources) == {"model", "model:no-tta", "model:no-tta:len96", "prior:deadline"}, sources
-    assert sum(sources.values()) == 150
+    assert set(sources) == {"model:no-tta", "model:no-tta:len96"}, sources  # nobody gets the prior …
+    assert 0 < sources["model:no-tta:len96"] < 75  # … and only some rows are cut
+    with _CostClock(model) as clock:  # not even every row short fits: the shortest go first, the rest the prior
+        probs, report = _predict(model, tok, frame, dataclasses.replace(cfg, time_budget_s=0.3 * pass1),
+                                 clock=lambda: clock.now, log=said.append)
+    assert report["steps"] == ["short", "prior"] and clock.now <= 0.3 * pass1
+    assert {"model:no-tta", "model:no-tta:len96", "prior:deadline"} <= set(report["sources"])
+    assert sum(report["sources"].values()) == 150
     path = inference.write_submission(frame["id"], probs, tmp_path / "submission.csv")
     assert parsing.check_submission(pd.read_csv(path), frame["id"].tolist()) == []
-    assert any("TTA dropped" in s for s in said) and any("max_length 96" in s for s in said)
+    assert any("re-packed at max_length 96" in s for s in said)
+
+
+def test_the_time_model_learns_the_length_squared_term():
+    """Fitted on long batches, the a·tokens + b·ΣL² + c model projects short ones exactly; a per-token rate
+    (the old guard) would over-project them — the early projection was pessimistic."""
+    a, b, c = 1e-3, 2e-5, 0.05
+    cost = lambda n, length: a * n * length + b * n * length ** 2 + c  # noqa: E731
+    guard = inference._Guard(lambda: 0.0, lambda _: None)
+    for n, length in ((4, 2048), (6, 1500), (8, 1024), (10, 900)):
+        guard.record(n, length, cost(n, length))
+    np.testing.assert_allclose(guard.model(), [a, b, c], rtol=1e-6)
+    rest = [(64, 128)] * 100
+    truth = sum(cost(n, length) for n, length in rest)
+    assert guard.plan_seconds(rest, 1) == pytest.approx(truth, rel=1e-6)
+    per_token = guard.busy / guard.tokens * sum(n * length for n, length in rest)
+    assert per_token > 1.5 * truth
+    assert guard.plan_seconds(rest, 2) == pytest.approx(truth / 2, rel=1e-6)  # two workers
+
+
+def test_the_budget_counts_from_the_kernel_start(loaded, synth_frame):
+    """Time spent before ``score`` (installing, loading the model) is part of the budget."""
+    model, tok = loaded
+    cfg = dataclasses.replace(CFG, time_budget_s=100.0)
+    probs, report = _predict(model, tok, synth_frame.iloc[:30], cfg, clock=lambda: 1000.0, started_at=899.0)
+    assert report["steps"] == ["prior"] and report["sources"] == {"prior:deadline": 30}
+    probs, report = _predict(model, tok, synth_frame.iloc[:30], cfg, clock=lambda: 1000.0, started_at=990.0)
+    assert report["sources"] == {"model": 30}  # 10 of 100 s spent: time enough (this clock never moves)
 
 
 def test_a_budget_already_spent_gives_priors_for_everything(loaded, synth_frame):
@@ -285,6 +379,14 @@ def test_lmsys_predict_writes_a_valid_submission_for_the_real_sample(classifier,
     assert parsing.check_submission(pd.read_csv(out), test["id"].tolist()) == []
     report = json.loads((tmp_path / "predict" / "predictions" / "report.json").read_text())
     assert report["workers"] == 2 and report["rows"] == len(test)
+    import time
+
+    code = cli.main(["predict", "--model", str(classifier), "--data", str(real_sample / "test.csv"), "--out",
+                     str(tmp_path / "late.csv"), "--max-length", "256", "--devices", "cpu", "--time-budget", "1h",
+                     "--started-at", str(time.time() - 7200), "--work-dir", str(tmp_path / "late")])  # 2 h ago
+    report = json.loads((tmp_path / "late" / "predictions" / "report.json").read_text())
+    assert code == 0 and report["steps"] == ["prior"] and report["sources"] == {"prior:deadline": len(test)}
+    assert parsing.check_submission(pd.read_csv(tmp_path / "late.csv"), test["id"].tolist()) == []
 
 
 def test_two_cpu_workers_agree_with_one(classifier, synth_frame):
@@ -302,6 +404,10 @@ def test_durations_parse():
     assert inference.parse_duration("90") == 90 and inference.parse_duration(45.0) == 45.0
     with pytest.raises(ValueError, match="duration"):
         inference.parse_duration("soon")
+    assert inference.parse_time("1796000000") == 1796000000.0
+    assert inference.parse_time("2026-12-01T09:00:00+01:00") == inference.parse_time("2026-12-01T08:00:00")  # UTC
+    with pytest.raises(ValueError, match="cannot read a time"):
+        inference.parse_time("this morning")
 
 
 def test_synthetic_lengths_pad_waste_is_small(tokenizer, synth_frame):
