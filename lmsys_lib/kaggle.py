@@ -6,6 +6,8 @@ Paths — every location a stage uses comes from here; nothing else in the packa
 - Colab: outputs and checkpoints under ``/content/drive/MyDrive/arena-distill`` when Drive is mounted (work
   survives a dropped session), else ``/content`` (with a warning: a dropped session loses it).
 - Local: outputs under ``./runs``; the data folder must be given (or the demo writes one).
+- The submission kernel's run: ``submission_run`` tells Kaggle's scoring rerun (``KAGGLE_IS_COMPETITION_RERUN``:
+  the hidden test set, in full) from the interactive / save run (the 3 public rows: a quick full-path check).
 
 The suite — six kernels (one per numbered notebook) and two datasets (the wheels, the quantised student):
 - ``kernel_metadata`` / ``dataset_metadata`` generate the JSON; ``enable_internet`` is always written
@@ -51,6 +53,46 @@ def detect_env() -> str:
     if os.environ.get("COLAB_RELEASE_TAG") or os.environ.get("COLAB_GPU") is not None:
         return "colab"
     return "local"
+
+
+RERUN_VARIABLE = "KAGGLE_IS_COMPETITION_RERUN"  # set by Kaggle in the scoring rerun on the hidden test set
+PUBLIC_TEST_ROWS = 3  # what test.csv holds in the interactive / save run
+SUBMIT_COMMAND = f"kaggle competitions submit -c {COMPETITION} -k USER/KERNEL -v VERSION -m MESSAGE"
+
+
+@dataclass(frozen=True)
+class SubmissionRun:
+    """Which run of the submission kernel this is, and what it does: ``rerun`` (Kaggle's scoring rerun: the
+    hidden test set, in full), ``save`` (the interactive or save run on Kaggle: the public rows through the
+    whole path, a quick check), ``local`` (anywhere else: the given dry-run ``fraction``)."""
+
+    mode: str
+    fraction: float
+    message: str
+
+
+def submission_run(test_rows: int, fraction: float = 1.0, env: str | None = None,
+                   environ: Mapping[str, str] | None = None) -> SubmissionRun:
+    """What the submission kernel should do in this run (notebook 05 prints ``message`` in its first cells).
+
+    On Kaggle a dry-run ``fraction`` < 1 is ignored — a file covering part of the test set cannot be scored;
+    the save run scores the public rows (3) through the full path — packing, the model, TTA, the file and
+    its validation — in a few minutes of GPU time, and the rerun that ``kaggle competitions submit`` starts
+    scores the hidden test set in full."""
+    environ = os.environ if environ is None else environ
+    env = env or detect_env()
+    ignored = f" (fraction {fraction:g} ignored: Kaggle scores whole files only)" if fraction < 1 else ""
+    if environ.get(RERUN_VARIABLE):
+        return SubmissionRun("rerun", 1.0, f"competition rerun ({RERUN_VARIABLE} set): scoring all {test_rows} "
+                                           f"rows of the hidden test set{ignored}")
+    if env == "kaggle":
+        what = (f"the {test_rows} public test rows" if test_rows <= 10 * PUBLIC_TEST_ROWS
+                else f"{test_rows} rows (more than the {PUBLIC_TEST_ROWS} public ones: all of them)")
+        return SubmissionRun("save", 1.0, f"interactive / save run: {what} through the whole path as a check"
+                                          f"{ignored}; the hidden test set is scored in the rerun that a "
+                                          f"submission starts: {SUBMIT_COMMAND}")
+    return SubmissionRun("local", fraction, f"local run: {test_rows} rows"
+                                            + (f", a dry run on {fraction:g} of them" if fraction < 1 else ""))
 
 
 def competition_dir(explicit: str | Path | None = None, env: str | None = None) -> Path:

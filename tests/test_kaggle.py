@@ -249,3 +249,16 @@ def test_kaggle_build_command_ships_the_wheel_and_the_wheelhouse(tmp_path):
     dry = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "push", "--dry-run", "--build", str(out)],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert dry.returncode == 0 and f"kaggle datasets version -p {wheels}" in dry.stdout
+
+
+def test_the_submission_kernel_knows_which_run_it_is():
+    rerun = kaggle.submission_run(25_000, fraction=0.1, env="kaggle", environ={kaggle.RERUN_VARIABLE: "1"})
+    assert rerun.mode == "rerun" and rerun.fraction == 1.0 and "fraction 0.1 ignored" in rerun.message
+    save = kaggle.submission_run(3, fraction=1.0, env="kaggle", environ={})
+    assert save.mode == "save" and save.fraction == 1.0 and "3 public test rows" in save.message
+    assert "kaggle competitions submit -c lmsys-chatbot-arena -k USER/KERNEL" in save.message
+    odd = kaggle.submission_run(500, fraction=0.5, env="kaggle", environ={})
+    assert odd.mode == "save" and odd.fraction == 1.0 and "all of them" in odd.message
+    local = kaggle.submission_run(120, fraction=0.5, env="local", environ={})
+    assert local.mode == "local" and local.fraction == 0.5
+    assert kaggle.submission_run(120, env="local", environ={kaggle.RERUN_VARIABLE: "1"}).mode == "rerun"

@@ -134,7 +134,8 @@ def test_teacher_notebook_runs_headless(tokenizer, tmp_path):
     assert "GPTQ (gptq_torch)" in tables and "QLoRA on nf4 base" in tables
 
 
-def test_inference_notebook_runs_headless_and_writes_a_valid_submission(synth_dir, tokenizer, tmp_path):
+def test_inference_notebook_runs_headless_and_writes_a_valid_submission(synth_dir, tokenizer, tmp_path, monkeypatch):
+    """As Kaggle's scoring rerun (``KAGGLE_IS_COMPETITION_RERUN`` set): every row, whatever the dry-run fraction."""
     import copy
 
     from transformers import AutoModelForSequenceClassification
@@ -145,10 +146,12 @@ def test_inference_notebook_runs_headless_and_writes_a_valid_submission(synth_di
     AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).save_pretrained(tmp_path / "cls")
     modeling.load_tokenizer(base).save_pretrained(tmp_path / "cls")
     out = tmp_path / "submission.csv"
+    monkeypatch.setenv("KAGGLE_IS_COMPETITION_RERUN", "1")  # the kernel inherits the environment
     pm.execute_notebook(str(NOTEBOOKS / "05_inference_2xT4.ipynb"), str(tmp_path / "out05.ipynb"),
                         parameters={"model_dir": str(tmp_path / "cls"), "wheels_dir": str(tmp_path / "no-wheels"),
                                     "data_dir": str(synth_dir), "out_path": str(out), "work_dir": str(tmp_path / "w"),
-                                    "max_length": 128, "token_budget": 2048, "devices": "cpu", "time_budget": "1h"},
+                                    "max_length": 128, "token_budget": 2048, "devices": "cpu", "time_budget": "1h",
+                                    "fraction": 0.5},
                         kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     test = parsing.read_competition(synth_dir / "test.csv").frame
     assert parsing.check_submission(pd.read_csv(out), test["id"].tolist()) == []
@@ -156,3 +159,4 @@ def test_inference_notebook_runs_headless_and_writes_a_valid_submission(synth_di
     text = " ".join(o.get("text", "") + o.get("data", {}).get("text/plain", "")
                     for c in executed.cells for o in c.get("outputs", []))
     assert "model on cpu" in text and "inference done" in text and "'sources'" in text
+    assert "competition rerun" in text and "fraction 0.5 ignored" in text
