@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--started-at", help="when the budget started: Unix seconds or an ISO time such as "
                    "2026-12-01T09:00:00+00:00 (default: this process's start)")
     p.add_argument("--tta-rank", choices=["entropy", "margin"],
-                   help="which rows get the swapped pass first when time is short (default: entropy)")
+                   help="which rows get the swapped pass first when time is short (default: margin, measured better)")
     p.add_argument("--temperature", type=float,
                    help="divide the logits by T (default: the model's contract, else its temperature.json, else 1)")
     p.add_argument("--no-temperature", action="store_true", help="T = 1, whatever the model folder says")

@@ -9,7 +9,8 @@
      "produced_by": "merge" | "quantize", "model": "<student name>", "quantization": {...} (quantised only)}
 
 Written by the merge (from the folds' own config and their ``temperature.json``) and carried by the
-quantisation; read by ``lmsys quantize``, ``lmsys predict`` and notebooks 04/05, which take the prompt format
+quantisation, which refits the temperature on the quantised model's own TTA output over the holdout when it
+has enough rows (``set_temperature``: the carried one is kept as ``temperature_carried``); read by ``lmsys quantize``, ``lmsys predict`` and notebooks 04/05, which take the prompt format
 and the temperature from it. An explicit setting wins, with a warning when it differs from the contract.
 A contract that names another label order, or a pack config with unknown keys, is an error naming the file.
 
@@ -36,6 +37,19 @@ def write(folder: str | Path, pack: PackConfig | dict[str, Any] | None, temperat
     data = {"pack": None if pack is None else to_dict(pack), "label_order": list(LABEL_COLUMNS),
             "temperature": temperature, "source_dtype": source_dtype, "produced_by": produced_by, **extra}
     path = Path(folder) / CONTRACT_FILE
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def set_temperature(folder: str | Path, temperature: dict[str, Any]) -> Path:
+    """Replace the contract's temperature with one fitted on this model's own output; the one it carried
+    (the student's, fitted on its OOF logits) is kept as ``temperature_carried``."""
+    path = Path(folder) / CONTRACT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no contract to record the temperature in")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["temperature_carried"] = data.get("temperature")
+    data["temperature"] = temperature
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 

@@ -15,6 +15,9 @@ Contract:
   passes gets the mean of its probabilities (the swapped one un-permuted with ``parsing.AB_SWAP``). With time
   for every row it is exactly full swap-TTA: the swapped batches are pass 1's batches. The rows chosen are
   saved (``predictions/tta_plan.json``) so that a resumed run finishes the same plan.
+- Temperature: ``cfg.temperature`` is applied once, to what the passes give (``p ∝ p^(1/T)``, which is
+  ``softmax(logits / T)`` for a row with one pass), on the model's rows only (not on rule or prior rows) —
+  the way it is fitted on the final model's output (``fit_output_temperature``).
 - Two devices: one model per device, each in its own thread, pulling batches from one queue (longest
   first) — both finish together whatever their speed. On a CPU the same code runs with one or two workers.
 - Non-finite logits: the batch is recomputed row by row in fp32 (the model is cast up and back, which is
@@ -130,12 +133,11 @@ def uncertainty(probs: np.ndarray, how: str = "entropy") -> np.ndarray:
 
 @dataclasses.dataclass
 class _Pass:
-    """One orientation of some rows at one length: packed ids (row position → ids) and its temperature."""
+    """One orientation of some rows at one length: packed ids (row position → ids)."""
 
     ids: dict[int, Any]
     swap: bool
     max_length: int
-    temperature: float = 1.0
 
 
 class _Guard:
@@ -173,16 +175,33 @@ class _Guard:
         self.lengths.add(int(length))
         self.coef = None
 
+    def full(self) -> bool:
+        """Whether the three-term model can be fitted: 3+ batches over lengths that differ by 20 % or more."""
+        return self.batches >= 3 and bool(self.lengths) and max(self.lengths) >= 1.2 * min(self.lengths)
+
     def model(self) -> np.ndarray | None:
         """(a, b, c) ≥ 0, or None before any batch was measured."""
         if self.coef is None and self.batches and self.busy > 0:
-            if self.batches < 3 or len(self.lengths) < 2:
-                self.coef = np.array([self.busy / self.tokens, 0.0, 0.0])
-            else:
+            if self.full():
                 self.coef = _nonnegative_fit(self.xtx, self.xty, self.yty)
+            else:
+                self.coef = np.array([self.busy / self.tokens, 0.0, 0.0])
         return self.coef
 
+
+    def state(self) -> dict[str, Any]:
+        return {"xtx": self.xtx.tolist(), "xty": self.xty.tolist(), "yty": self.yty, "batches": self.batches,
+                "tokens": self.tokens, "busy": self.busy, "lengths": sorted(self.lengths)}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """The measurements of an earlier session of the same run (same rows, model and settings)."""
+        self.xtx, self.xty = np.array(saved["xtx"], dtype=float), np.array(saved["xty"], dtype=float)
+        self.yty, self.batches = float(saved["yty"]), int(saved["batches"])
+        self.tokens, self.busy = float(saved["tokens"]), float(saved["busy"])
+        self.lengths, self.coef = {int(x) for x in saved["lengths"]}, None
+
     def seconds(self, rows: int, length: int) -> float:
+        """Projected seconds of a batch (0 before anything was measured)."""
         coef = self.model()
         return 0.0 if coef is None else float(coef @ [rows * length, rows * float(length) ** 2, 1.0])
 
@@ -280,9 +299,14 @@ def score(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig
         for rows, block, how, which in kernel.store.load():
             for r, p, s in zip(rows, block, how):
                 if which == SWAP:
-                    kernel.swapped[r] = p
+                    if s == "failed":
+                        kernel.swap_failed.add(r)
+                    else:
+                        kernel.swapped[r] = p
                 else:
                     kernel.plain[r] = (p, s)
+        if kernel.store.guard_saved:
+            guard.restore(kernel.store.guard_saved)
     model_rows = [i for i in range(len(frame)) if rules[i] is None]
     log(f"inference: {len(frame)} rows, {len(frame) - len(model_rows)} by rule, {len(model_rows)} for the model "
         f"on {len(models)} worker(s), TTA {'anytime (' + cfg.tta_rank + ')' if cfg.tta else 'off'}, max_length "
@@ -308,13 +332,29 @@ class _Kernel:
         self.tta_planned = 0
         self.tta_rank = cfg.tta_rank
         self.lengths_of: dict[int, Any] = {}  # row → its pass-1 ids at full length
+        self.short_rows: set[int] = set()  # rows the deadline re-packed at degrade_max_length (saved: short_plan)
+        self.swap_failed: set[int] = set()  # rows whose swapped pass failed: they keep one pass
+        self.dead: set[int] = set()  # workers that stopped after failing: not used again
 
     # -- the two passes ---------------------------------------------------------------------------
 
     def first_pass(self, model_rows: list[int]) -> None:
+        """Every row once, longest batches first. On resume: the rows a previous session re-packed short
+        (``short_plan.json``) stay short, every row is scored once — the full-length batches are the ones an
+        uninterrupted run has (whole batches are saved), minus the rows already done."""
         full = self._pass(model_rows, self.cfg.pack.max_length, swap=False)
-        batches = [b for b in self._batches(full, model_rows) if not all(r in self.plain for r in b)]
-        self._work(batches, full, PLAIN)
+        saved = self.store.plan("short") if self.store else None
+        self.short_rows = set(saved or ())
+        items = []
+        for b in self._batches(full, [r for r in model_rows if r not in self.short_rows]):
+            undone = [r for r in b if r not in self.plain]
+            if undone:
+                items.append((undone, full))
+        short_todo = [r for r in sorted(self.short_rows) if r not in self.plain]
+        if short_todo:
+            short = self._pass(short_todo, self.cfg.degrade_max_length, swap=False)
+            items += [(b, short) for b in self._batches(short, short_todo)]
+        self._work(items, PLAIN)
         left = [r for r in model_rows if r not in self.plain]
         if left:  # the deadline ran out, or every worker failed
             how = "prior:error" if self.events["errors"] else "prior:deadline"
@@ -328,15 +368,18 @@ class _Kernel:
         eligible = [r for r in model_rows if self.plain[r][1] == "model:no-tta"]  # pass 1 at full length
         if not eligible:
             return
-        saved = self.store.tta_plan() if self.store else None
-        chosen = [r for r in saved if r in set(eligible)] if saved is not None else None
+        if len(self.models) == len(self.dead):
+            return
+        saved = self.store.plan("tta") if self.store else None
+        allowed = set(eligible)
+        chosen = [r for r in saved if r in allowed] if saved is not None else None
         if chosen is None:
             probs = np.array([self.plain[r][0] for r in eligible])
             order = np.argsort(-uncertainty(probs, self.tta_rank), kind="stable")
             ranked = [eligible[i] for i in order]
             chosen = self._fit_rows(ranked)
-            if self.store:
-                self.store.save_tta_plan(chosen, self.tta_rank)
+            if self.store and self.guard.model() is not None:  # a plan sized without a time model is not kept
+                self.store.save_plan("tta", chosen)
         rank = {r: i for i, r in enumerate(chosen)}
         self.tta_planned = len(chosen)
         if len(chosen) < len(eligible):
@@ -345,7 +388,8 @@ class _Kernel:
         swap = self._pass(sorted(chosen), self.cfg.pack.max_length, swap=True)
         batches = self._batches(swap, sorted(chosen))
         batches.sort(key=lambda b: min(rank[r] for r in b))  # most uncertain first: what a late stop keeps
-        self._work([b for b in batches if not all(r in self.swapped for r in b)], swap, SWAP)
+        done = self.swapped.keys() | self.swap_failed
+        self._work([(b, swap) for b in batches if not all(r in done for r in b)], SWAP)
 
     def _fit_rows(self, ranked: list[int]) -> list[int]:
         """The longest prefix of ``ranked`` whose swapped batches fit in the time left (all of it when
@@ -359,7 +403,7 @@ class _Kernel:
             lengths = [len(self._packed_plain_len(r)) for r in rows]
             shapes = [(len(b), max(lengths[i] for i in b)) for b in
                       token_budget_batches(lengths, self.cfg.token_budget, self.cfg.max_batch_rows)]
-            return self.guard.plan_seconds(shapes, len(self.models)) <= left
+            return self.guard.plan_seconds(shapes, len(self.models) - len(self.dead)) <= left
 
         lo, hi = 0, len(ranked)  # fits(lo) holds; find the largest k that fits
         if fits(hi):
@@ -385,7 +429,7 @@ class _Kernel:
             ids = dict(zip(rows, table["input_ids"]))
         if not swap and max_length == self.cfg.pack.max_length:
             self.lengths_of = ids
-        return _Pass(ids, swap, max_length, self.cfg.temperature)
+        return _Pass(ids, swap, max_length)
 
     def _batches(self, current: _Pass, rows: list[int]) -> list[list[int]]:
         """Length-sorted batches under the token budget, longest first — a pure function of the rows."""
@@ -398,17 +442,18 @@ class _Kernel:
 
     # -- the workers -----------------------------------------------------------------------------------
 
-    def _work(self, batches: list[list[int]], first: _Pass, which: str) -> None:
+    def _work(self, items: list[tuple[list[int], _Pass]], which: str) -> None:
         from tqdm.auto import tqdm
 
         work: queue.Queue = queue.Queue()
-        for batch in batches:
-            work.put((batch, first))
+        for item in items:
+            work.put(item)
         lock = threading.Lock()
-        state = {"stop": False, "alive": len(self.models), "racing": False, "shortened": False}
-        bar = tqdm(total=sum(map(len, batches)), desc="predict" if which == PLAIN else "swap-TTA", unit="row",
-                   disable=not self.progress)
-        alive = set(range(len(self.models)))
+        workers = [(i, m) for i, m in enumerate(self.models) if i not in self.dead]
+        state = {"stop": False, "alive": len(workers), "racing": False}
+        bar = tqdm(total=sum(len(b) for b, _ in items), desc="predict" if which == PLAIN else "swap-TTA",
+                   unit="row", disable=not self.progress)
+        alive = {i for i, _ in workers}
         failed_by: dict[tuple[int, ...], set[int]] = {}
 
         def next_batch() -> tuple[list[int], _Pass] | None:
@@ -434,15 +479,20 @@ class _Kernel:
             with lock:
                 if block is not None and warm:  # a worker's first batch carries its warm-up: not measured
                     self.guard.record(*self._shape(current, batch), seconds)
-                if which == SWAP:
+                    if self.store:
+                        self.store.guard_saved = self.guard.state()
+                if which == SWAP:  # a failed swapped row keeps its one pass (saved as failed: not retried)
                     if block is None:
-                        return
-                    keep = np.isfinite(block).all(axis=1)  # a failed swapped row keeps its one pass
-                    rows = [r for r, k in zip(batch, keep) if k]
-                    block = block[keep][:, list(AB_SWAP)]
-                    for r, p in zip(rows, block):
-                        self.swapped[r] = p
-                    labels = ["model"] * len(rows)
+                        block = np.full((len(batch), 3), np.nan)
+                    keep = np.isfinite(block).all(axis=1)
+                    rows = list(batch)
+                    block = block[:, list(AB_SWAP)]
+                    labels = ["model" if k else "failed" for k in keep]
+                    for r, p, k in zip(rows, block, keep):
+                        if k:
+                            self.swapped[r] = p
+                        else:
+                            self.swap_failed.add(r)
                 else:
                     rows = batch
                     how = "model:no-tta" + (f":len{current.max_length}"
@@ -481,11 +531,12 @@ class _Kernel:
             try:
                 while (item := next_batch()) is not None:
                     batch, current = item
-                    block, seconds = None, 0.0
+                    block, seconds, flags = None, 0.0, {}
                     for attempt in (1, 2):  # a failing batch is retried once on this worker
                         t0 = self.guard.clock()
                         try:
-                            block = _score_batch(model, self.tokenizer, batch, current, self.events, self.log)
+                            block = _score_batch(model, self.tokenizer, batch, current, self.events, self.log,
+                                                 flags)
                             seconds = self.guard.clock() - t0
                             break
                         except Exception as err:  # noqa: BLE001 — reported; the run goes on
@@ -498,11 +549,13 @@ class _Kernel:
                         if give_up_or_requeue(batch, current, me):
                             if failures_in_a_row >= 2:
                                 self.log(f"worker {me} failed two batches in a row: it stops, the others go on")
+                                with lock:
+                                    self.dead.add(me)
                                 return
                             continue
                     else:
                         failures_in_a_row = 0
-                    finish(batch, current, block, seconds, warm)
+                    finish(batch, current, block, seconds, warm and not flags.get("slow"))  # OOM / NaN: not timed
                     warm = warm or block is not None
             except BaseException as err:  # KeyboardInterrupt / SystemExit in a worker: stop the run, re-raise
                 with lock:
@@ -512,7 +565,7 @@ class _Kernel:
                     state["alive"] -= 1
                     alive.discard(me)
 
-        threads = [threading.Thread(target=worker, args=(i, m), daemon=True) for i, m in enumerate(self.models)]
+        threads = [threading.Thread(target=worker, args=(i, m), daemon=True) for i, m in workers]
         for t in threads:
             t.start()
         try:
@@ -536,56 +589,76 @@ class _Kernel:
 
     def _degrade(self, work: queue.Queue, state: dict[str, Any]) -> None:
         """Pass 1, under the lock, before each batch: when the projected end of pass 1 is past the budget,
-        re-pack only as many of the longest remaining rows at ``degrade_max_length`` as it takes to fit;
-        when even that is not enough, score the shortest rows first until the time is spent (the rest get
-        the prior). A batch that would end past the budget is not started."""
+        re-pack only as many of the longest remaining full-length rows at ``degrade_max_length`` as it takes
+        to fit (again later if the projection grows; every decision is saved in ``short_plan.json``); when even
+        that is not enough, score the shortest rows first until the time is spent (the rest get the prior). A
+        batch that would end past the budget is not started — a shorter one may still be. While one length has
+        been measured (the rows capped at max_length come first) the per-token rate over-projects the shorter
+        rest by up to attention's share of the time, so a few more rows may be cut than needed: a row cut to
+        ``degrade_max_length`` costs far less than a row left to the prior."""
         cfg, guard = self.cfg, self.guard
         if not work.queue:
             return
-        head, current = work.queue[0]
-        if guard.elapsed() + guard.seconds(*self._shape(current, head)) > cfg.time_budget_s:
-            state["stop"] = True
-            guard.step("prior", f"time budget reached with {sum(len(b) for b, _ in work.queue)} rows left: "
-                                "they get the prior")
+        late = lambda: guard.elapsed() + guard.seconds(*self._shape(work.queue[0][1], work.queue[0][0])) \
+            > cfg.time_budget_s  # noqa: E731
+        if late():
+            if not state["racing"]:
+                self._race(work, state)
+            if late():
+                state["stop"] = True
+                guard.step("prior", f"time budget reached with {sum(len(b) for b, _ in work.queue)} rows left: "
+                                    "they get the prior")
             return
         if guard.model() is None or state["racing"]:
             return
         left = cfg.time_budget_s - guard.elapsed()
         queued = list(work.queue)
-        if guard.plan_seconds([self._shape(c, b) for b, c in queued], state["alive"]) <= left:
+
+        def fits(items: list[tuple[list[int], _Pass]]) -> bool:
+            return guard.plan_seconds([self._shape(c, b) for b, c in items], state["alive"]) <= left
+
+        if fits(queued):
             return
-        if not state["shortened"] and cfg.degrade_max_length < cfg.pack.max_length:
-            state["shortened"] = True
-            rows = [r for b, _ in queued for r in b]  # longest first
-            short = self._pass(rows, cfg.degrade_max_length, swap=False)
-
-            def plan(j: int) -> list[tuple[list[int], _Pass]]:
-                """The first j queued batches' rows re-packed short, the rest as they are."""
-                cut = [r for b, _ in queued[:j] for r in b]
-                return [(b, short) for b in self._batches(short, cut)] + queued[j:]
-
-            def fits(j: int) -> bool:
-                return guard.plan_seconds([self._shape(c, b) for b, c in plan(j)], state["alive"]) <= left
-
-            lo, hi = 0, len(queued)  # fits(lo) is False; the smallest j that fits, or all
-            if fits(hi):
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-            new = sorted(plan(hi), key=lambda item: -self._shape(item[1], item[0])[1])  # longest first still
-            with work.mutex:
-                work.queue.clear()
-                work.queue.extend(new)
-            n_short = sum(len(b) for b, _ in queued[:hi])
-            guard.step("short", f"pass 1 projected past the budget: the {n_short} longest of {len(rows)} remaining "
-                                f"rows re-packed at max_length {cfg.degrade_max_length}")
+        heads = [i for i, (_, c) in enumerate(queued) if c.max_length > cfg.degrade_max_length]  # longest first
+        if not heads:
+            self._race(work, state)
             return
-        with work.mutex:  # the last stage: as many rows as the time allows, cheapest first
+        head_rows = [r for i in heads for r in queued[i][0]]
+        short = self._pass(head_rows, cfg.degrade_max_length, swap=False)
+
+        def plan(j: int) -> list[tuple[list[int], _Pass]]:
+            """The first j full-length queued batches' rows re-packed short, the rest as they are."""
+            cut = {r for i in heads[:j] for r in queued[i][0]}
+            kept = [item for i, item in enumerate(queued) if i not in set(heads[:j])]
+            return [(b, short) for b in self._batches(short, [r for r in head_rows if r in cut])] + kept
+
+        lo, hi = 0, len(heads)  # fits(plan(0)) is False; the smallest j that fits, or all
+        if fits(plan(hi)):
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(plan(mid)) else (mid, hi)
+        new = sorted(plan(hi), key=lambda item: -self._shape(item[1], item[0])[1])  # longest first still
+        with work.mutex:
+            work.queue.clear()
+            work.queue.extend(new)
+        cut = [r for i in heads[:hi] for r in queued[i][0]]
+        self.short_rows.update(cut)
+        if self.store:
+            self.store.save_plan("short", sorted(self.short_rows))
+        guard.step("short", f"pass 1 projected past the budget: the {len(cut)} longest of "
+                            f"{sum(len(b) for b, _ in queued)} remaining rows re-packed at max_length "
+                            f"{cfg.degrade_max_length}")
+        if not fits(new):
+            self._race(work, state)
+
+    def _race(self, work: queue.Queue, state: dict[str, Any]) -> None:
+        """The last stage: as many rows as the time allows, cheapest batches first."""
+        with work.mutex:
             ordered = sorted(work.queue, key=lambda item: self._shape(item[1], item[0])[1])
             work.queue.clear()
             work.queue.extend(ordered)
         state["racing"] = True
-        self.log(f"deadline guard: pass 1 projected past the budget even at max_length {cfg.degrade_max_length}: "
+        self.log(f"deadline guard: pass 1 projected past the budget even at max_length {self.cfg.degrade_max_length}: "
                  "scoring the shortest remaining rows first; what is left at the deadline gets the prior")
 
     # -- the result ----------------------------------------------------------------------------------
@@ -599,17 +672,22 @@ class _Kernel:
             if r in self.swapped and how.startswith("model:no-tta"):
                 p, how = (p + self.swapped[r]) / 2, "model" + how[len("model:no-tta"):]
             probs[r], source[r] = p, how
+        model_rows = np.array([s.startswith("model") for s in source], dtype=bool)
+        if self.cfg.temperature != 1.0 and model_rows.any():  # once, on what the passes give: p ∝ p^(1/T)
+            from .metrics import softmax
+
+            probs[model_rows] = softmax(np.log(np.clip(probs[model_rows], 1e-300, None)), self.cfg.temperature)
         probs = _normalised(probs)
         counts = pd.Series(source).value_counts().to_dict()
         guard, model = self.guard, self.guard.model()
         scored = sum(1 for s in source if s.startswith("model"))
-        tta = sum(1 for s in source if s == "model" or s.startswith("model:len"))
+        tta = sum(1 for s in source if s == "model")
         report = {"rows": n, "sources": {str(k): int(v) for k, v in counts.items()}, "steps": guard.steps,
                   "tta_rows": tta, "tta_share": round(tta / scored, 4) if scored else 0.0,
                   "tta_planned": self.tta_planned, "tta_rank": self.tta_rank,
                   "nan_rows": self.events["nan_rows"], "prior_rows": self.events["prior_rows"],
                   "oom_splits": self.events["oom_splits"], "errors": self.events["errors"],
-                  "tokens_per_s": guard.rate(),
+                  "tokens_per_s": guard.rate(), "row_sources": [str(x) for x in source],
                   "time_model": None if model is None else dict(zip(("a_per_token", "b_per_token_length", "c_per_batch"),
                                                                     map(float, model))),
                   "budget_s": self.cfg.time_budget_s, "elapsed_s": round(guard.elapsed(), 2),
@@ -635,26 +713,28 @@ def _device(model: Any) -> Any:
 
 
 def _score_batch(model: Any, tokenizer: Any, batch: list[int], current: _Pass, events: dict[str, Any],
-                 log: Callable[[str], None]) -> np.ndarray:
+                 log: Callable[[str], None], flags: dict[str, Any] | None = None) -> np.ndarray:
     """(len(batch), 3) probabilities of one pass over the batch (NaN and OOM handled; non-finite rows stay
     NaN for the caller). The swapped pass's columns are still in the swapped order."""
     from .metrics import softmax
 
-    return softmax(_logits(model, tokenizer, [current.ids[r] for r in batch], events, log),
-                   temperature=current.temperature)
+    return softmax(_logits(model, tokenizer, [current.ids[r] for r in batch], events, log, flags))
 
 
 def _logits(model: Any, tokenizer: Any, rows: list[Any], events: dict[str, Any],
-            log: Callable[[str], None]) -> np.ndarray:
-    """Logits of ``rows`` (fp32 numpy); OOM → halves; non-finite rows → recomputed alone in fp32."""
+            log: Callable[[str], None], flags: dict[str, Any] | None = None) -> np.ndarray:
+    """Logits of ``rows`` (fp32 numpy); OOM → halves; non-finite rows → recomputed alone in fp32. Either sets
+    ``flags["slow"]`` (such a batch's time says nothing about the next one's)."""
     import torch
 
+    flags = {} if flags is None else flags
     out_of_memory = False
     try:
         logits = _forward(model, tokenizer, rows)
     except torch.OutOfMemoryError:
         out_of_memory = True  # handled below, outside the except: its traceback would pin the activations
     if out_of_memory:
+        flags["slow"] = True
         _free(model)
         if len(rows) == 1:
             log("out of memory on a single row: it gets the prior")
@@ -662,10 +742,11 @@ def _logits(model: Any, tokenizer: Any, rows: list[Any], events: dict[str, Any],
         with events["lock"]:
             events["oom_splits"] += 1
         half = len(rows) // 2
-        return np.concatenate([_logits(model, tokenizer, rows[:half], events, log),
-                               _logits(model, tokenizer, rows[half:], events, log)])
+        return np.concatenate([_logits(model, tokenizer, rows[:half], events, log, flags),
+                               _logits(model, tokenizer, rows[half:], events, log, flags)])
     bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
     if len(bad):
+        flags["slow"] = True
         with events["lock"]:
             events["nan_rows"] += len(bad)
         log(f"non-finite logits in {len(bad)} of {len(rows)} rows: recomputing them alone in fp32")
@@ -755,6 +836,32 @@ def model_temperature(cfg: InferenceConfig, model_dir: str | Path, log: Callable
         return cfg
     log(f"temperature {value:.3f} from {source}")
     return dataclasses.replace(cfg, temperature=value)
+
+
+def fit_output_temperature(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg: InferenceConfig,
+                           priors: dict[str, Any] | None = None, source: str = "holdout",
+                           log: Callable[[str], None] = print) -> dict[str, Any]:
+    """T fitted on the kernel's own output for labelled rows: ``score`` at T = 1 with the time to give every
+    row both passes (what a submission gets when it finishes in time), then the T minimising the log loss of
+    ``p ∝ p^(1/T)`` on the model's rows (rule rows keep their priors) — the way ``score`` applies it. Returns
+    the contract's ``temperature`` entry (value, log loss before / after, rows, source, what it was fitted on)."""
+    from .evaluate import fit_temperature, temperature_report
+
+    if "label" not in frame.columns:
+        raise ValueError(f"fitting a temperature needs labelled rows ({source} has no label column)")
+    plain = dataclasses.replace(cfg, temperature=1.0, time_budget_s=1e9)
+    probs, report = score(models, tokenizer, frame, plain, priors=priors, log=log, progress=False)
+    mask = np.array([s.startswith("model") for s in report["row_sources"]], dtype=bool)
+    if not mask.any():
+        raise ValueError(f"{source}: no row was scored by the model (all rule / prior rows): no temperature to fit")
+    labels = frame["label"].to_numpy()[mask]
+    log_p = np.log(np.clip(probs[mask], 1e-300, None))
+    value = fit_temperature(log_p, labels)
+    fit = temperature_report(log_p, labels, value, source)
+    what = (f"the kernel's output ({'swap-TTA averaged, ' if cfg.tta else 'one pass, '}T applied once after the "
+            f"passes), {int(mask.sum())} model rows of {len(frame)}")
+    log(f"temperature {value:.3f} fitted on {what}: log loss {fit['log_loss_before']:.4f} → {fit['log_loss_after']:.4f}")
+    return {"value": value, **fit, "fitted_on": what, "tta_share": report["tta_share"]}
 
 
 def contract_temperature(model_dir: str | Path) -> tuple[float, str] | None:
@@ -863,6 +970,8 @@ class _Store:
             raise ValueError(f"{meta} belongs to a run with another model, other rows or other settings; use "
                              "another work dir (or delete it to start over)")
         meta.write_text(json.dumps(key, indent=2), encoding="utf-8")
+        guard = self.dir / "guard.json"  # the time model's measurements so far (a resumed run starts from them)
+        self.guard_saved: dict[str, Any] | None = json.loads(guard.read_text(encoding="utf-8")) if guard.exists() else None
 
     def load(self) -> list[tuple[list[int], np.ndarray, list[str], str]]:
         """Every saved batch: (rows, probabilities, sources, pass) — pass 1 (``plain``) or the swapped pass."""
@@ -879,19 +988,23 @@ class _Store:
                             group["source"].tolist(), str(which)))
         return out
 
-    def tta_plan(self) -> list[int] | None:
-        """The rows a previous session chose for the swapped pass, most uncertain first (None: not chosen yet)."""
-        path = self.dir / "tta_plan.json"
+    def plan(self, name: str) -> list[int] | None:
+        """Rows an earlier session decided on (``tta``: chosen for the swapped pass, most uncertain first;
+        ``short``: re-packed at degrade_max_length), or None when it decided nothing."""
+        path = self.dir / f"{name}_plan.json"
         return json.loads(path.read_text(encoding="utf-8"))["rows"] if path.exists() else None
 
-    def save_tta_plan(self, rows: list[int], rank: str) -> None:
-        self.flush()  # pass 1 complete on disk before the plan that depends on it
+    def save_plan(self, name: str, rows: list[int]) -> None:
+        self.flush()  # what the decision rests on is on disk before it
+        self._write_json(f"{name}_plan.json", {"rows": [int(r) for r in rows]})
+
+    def _write_json(self, name: str, data: dict[str, Any]) -> None:
         try:
-            tmp = self.dir / "tta_plan.json.tmp"
-            tmp.write_text(json.dumps({"rows": [int(r) for r in rows], "rank": rank}), encoding="utf-8")
-            tmp.rename(self.dir / "tta_plan.json")
+            tmp = self.dir / (name + ".tmp")
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            tmp.rename(self.dir / name)
         except OSError as err:
-            self.log(f"WARNING: TTA plan not written ({err}); a resumed run would choose again")
+            self.log(f"WARNING: {name} not written ({err}); a resumed run would decide again")
 
     def add(self, rows: list[int], probs: np.ndarray, source: Sequence[str], which: str) -> None:
         if not self.enabled:
@@ -915,6 +1028,8 @@ class _Store:
             self.enabled = False
             self.log(f"WARNING: checkpoint not written ({err}); checkpointing is off, scoring goes on")
         self.pending, self.pending_rows = [], 0
+        if self.enabled and self.guard_saved is not None:
+            self._write_json("guard.json", self.guard_saved)
 
     def finish(self, report: dict[str, Any]) -> None:
         try:

@@ -627,4 +627,33 @@ def run(model_dir: str | Path, out_dir: str | Path, train_csv: str | Path, holdo
         raise
     finally:
         (out / "fidelity.json").write_text(json.dumps(saved_report(report), indent=2), encoding="utf-8")
+    if cfg.fit_temperature_rows and len(rows) >= cfg.fit_temperature_rows:
+        report["temperature"] = refit_temperature(out, rows, train, pack_cfg, device, f"{holdout_csv}", log)
+    else:
+        log(f"temperature: the one carried from the student (fitted on its OOF logits) is kept — {len(rows)} "
+            f"holdout rows, fewer than fit_temperature_rows = {cfg.fit_temperature_rows}")
     return report
+
+
+def refit_temperature(out: Path, rows: Any, train: Any, pack_cfg: PackConfig, device: Any, source: str,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit T on the quantised model's own output — the submission kernel on the labelled holdout ``rows``,
+    swap-TTA averaged, rule rows with the priors of ``train`` — and record it in ``out``'s contract."""
+    import gc
+
+    from . import contract, inference
+    from .config import InferenceConfig
+
+    models, tokenizer, _ = inference.load_models(out, inference.devices_for(str(device))[:1], log=log)
+    cfg = InferenceConfig(pack=pack_cfg, degrade_max_length=pack_cfg.max_length)
+    fit = inference.fit_output_temperature(models, tokenizer, rows, cfg, priors=inference.measure_priors(train),
+                                           source=f"{source} ({len(rows)} rows)", log=log)
+    if (out / contract.CONTRACT_FILE).is_file():
+        contract.set_temperature(out, fit)
+    else:  # a model without a contract: its temperature.json (what contract.temperature_of falls back to)
+        from .evaluate import save_temperature
+
+        save_temperature(out, fit["value"], fit, overwrite=True)
+    del models
+    gc.collect()
+    return fit

@@ -200,9 +200,12 @@ def test_cli_quantizes_and_fails_loudly_on_a_missed_threshold(quantised, tmp_pat
     common = ["quantize", "--model", str(cls), "--data", str(synth_dir / "train.csv"), "--holdout", str(holdout),
               "--group-size", "32", "--calib-rows", "16", "--calib-max-length", "128", "--max-length", "128",
               "--device", "cpu"]
-    assert cli.main([*common, "--out", str(tmp_path / "q")]) == 0
+    assert cli.main([*common, "--out", str(tmp_path / "q"), "--set", "fit_temperature_rows=32"]) == 0
     out = capsys.readouterr().out
     assert "faithful" in out and "GPTQ (gptq_torch)" in out
+    fitted = json.loads((tmp_path / "q" / "temperature.json").read_text())  # this model has no contract
+    assert fitted["rows"] == 60 and fitted["log_loss_after"] <= fitted["log_loss_before"]
+    assert "swap-TTA averaged" in out and f"temperature {fitted['temperature']:.3f} fitted" in out
     saved = json.loads((tmp_path / "q" / "fidelity.json").read_text())
     assert saved["rows"] == 60 and saved["kl_mean"] <= 1e-3
     assert cli.main([*common, "--out", str(tmp_path / "q2"), "--max-mean-kl", "1e-12"]) == 1
