@@ -31,9 +31,10 @@ Contract:
   ``degrade_max_length``; if even that does not fit, the shortest rows go first and what is left at the
   deadline gets the prior. Each step taken is recorded; a complete, valid submission is always written.
 - Resume: finished batches of both passes are appended to ``work_dir/predictions/part-*.parquet`` every
-  ``checkpoint_every`` rows; a restarted run with the same ``work_dir`` (and the same rows and config)
-  skips them and ends with the same file as an uninterrupted run. The batch plan of pass 1 is a pure
-  function of the rows and the config.
+  ``checkpoint_every`` rows, with the deadline's decisions (``short_plan.json``, ``tta_plan.json``) and the
+  time model's measurements (``guard.json``); a restarted run with the same ``work_dir`` (and the same rows
+  and config) scores every row once — never twice — and, when no deadline step was taken, ends with the same
+  file as an uninterrupted run. The batch plan of pass 1 is a pure function of the rows and the config.
 - Rule priors: rows whose responses are both empty/null, one empty, or identical get the class frequencies
   measured on training rows of the same kind (``measure_priors``), when ``rule_priors`` is on.
 """
