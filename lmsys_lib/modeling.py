@@ -152,6 +152,22 @@ def matmul_gflops(dtype: Any, size: int = 256, seconds: float = 0.02, rows: int 
     return 2.0 * rows * size * cols * calls / (time.perf_counter() - start) / 1e9
 
 
+
+def sdpa_without_softcap(model: Any) -> int:
+    """Switch a loaded Gemma-2-style model to sdpa attention with its attention-logit soft-capping off — the
+    faster, inexact candidate an attention gate must measure against eager (transformers refuses sdpa for
+    Gemma-2 while soft-capping is set, and its attention modules keep their own copy of the cap). Returns
+    how many attention modules were changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "attn_logit_softcapping", None) is not None:
+            module.attn_logit_softcapping = None
+            changed += 1
+    model.config.attn_logit_softcapping = None
+    model.config._attn_implementation = "sdpa"
+    return changed
+
+
 def attention_for(model_config: Any, requested: str = "auto", device: Any = "cpu") -> str:
     """The attention kernel for ``model_config`` on ``device``: SDPA unless the checkpoint soft-caps
     attention logits (Gemma-2), which SDPA silently drops; then flash-attention-2 (it applies the cap; needs
