@@ -329,6 +329,9 @@ class QuantizeConfig:
     eval_batch_size: int = 8
     max_shard_gb: float = 4.0
     fit_temperature_rows: int = 200  # refit T on the quantised model's TTA output with this many holdout rows (0: never)
+    attention_gate: bool = True  # a soft-capping model (Gemma-2): sdpa without the cap only if it passes on the holdout
+    attention_max_mean_kl: float = 1e-3  # the gate: mean KL(eager ‖ sdpa) on the holdout …
+    attention_max_delta_log_loss: float = 2e-3  # … and sdpa's log loss at most this much above eager's
 
     def __post_init__(self) -> None:
         _check(self.bits in (4, 8), "bits must be 8 or 4")

@@ -6,7 +6,8 @@
      "label_order": ["winner_model_a", "winner_model_b", "winner_tie"],   class index → submission column
      "temperature": {"value": T, "source": "...", "log_loss_before": …, "log_loss_after": …} | null,
      "source_dtype": "bfloat16",          the dtype of the weights it was trained on / merged into
-     "produced_by": "merge" | "quantize", "model": "<student name>", "quantization": {...} (quantised only)}
+     "produced_by": "merge" | "quantize", "model": "<student name>", "quantization": {...} (quantised only),
+     "attention": {"choice": "eager" | "sdpa-no-softcap", "kl_mean": …, "delta_log_loss": …, …} (the gate's)}
 
 Written by the merge (from the folds' own config and their ``temperature.json``) and carried by the
 quantisation, which refits the temperature on the quantised model's own TTA output over the holdout when it
@@ -50,6 +51,17 @@ def set_temperature(folder: str | Path, temperature: dict[str, Any]) -> Path:
     data = json.loads(path.read_text(encoding="utf-8"))
     data["temperature_carried"] = data.get("temperature")
     data["temperature"] = temperature
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def set_entry(folder: str | Path, key: str, value: Any) -> Path:
+    """Record one more decision about the model (``attention``: the attention gate's) in its contract."""
+    path = Path(folder) / CONTRACT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no contract to record {key!r} in")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data[key] = value
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 

@@ -910,12 +910,87 @@ def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[st
             model = model.to(device).eval()
             info = {"kernel": "dense", "dtype": str(dtype).split(".")[-1], "device": str(device)}
         match_embed_scale(model, trained, log)
+        apply_attention_choice(model, model_dir, log)
         placed = {str(p.device) for p in model.parameters()}
         if placed != {str(device) if device.type == "cpu" else f"{device.type}:{device.index or 0}"}:
             log(f"WARNING: model for {device} has parameters on {sorted(placed)} — offloaded parts run far slower")
         log(f"model on {device}: {info.get('kernel')} kernel, {info.get('dtype')}")
         models.append(model)
     return models, load_tokenizer(model_dir), info
+
+
+SDPA_NO_SOFTCAP = "sdpa-no-softcap"
+
+
+def apply_attention_choice(model: Any, model_dir: str | Path, log: Callable[[str], None] = print) -> str:
+    """The attention the model folder's contract chose (``attention_gate``): eager stays unless the gate
+    passed ``sdpa-no-softcap``, which is then switched on (``modeling.sdpa_without_softcap``). Returns it."""
+    from .contract import read
+    from .modeling import sdpa_without_softcap
+
+    found = read(model_dir) or {}
+    choice = (found.get("attention") or {}).get("choice", "as loaded")
+    if choice == SDPA_NO_SOFTCAP:
+        sdpa_without_softcap(model)
+        log(f"attention: sdpa with soft-capping off (passed the attention gate: {model_dir})")
+    return choice
+
+
+def attention_gate(model_dir: str | Path, frame: pd.DataFrame, cfg: InferenceConfig, device: Any = "cpu",
+                   max_mean_kl: float = 1e-3, max_delta_log_loss: float = 2e-3,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Eager (soft-capping exact) or sdpa with soft-capping off, for a model that soft-caps its attention
+    logits (Gemma-2), decided like the GPTQ gate: both score the labelled ``frame`` through the kernel (same
+    rows, same batches); sdpa is chosen only when its mean KL to eager is ≤ ``max_mean_kl`` and its log loss
+    is at most ``max_delta_log_loss`` above eager's. The decision, the measures and each side's seconds go
+    into the folder's contract (``attention``); ``load_models`` follows it. A model without soft-capping is
+    left alone (sdpa is exact for it)."""
+    import torch
+
+    from . import contract
+    from .metrics import log_loss
+    from .modeling import sdpa_without_softcap
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if not config.get("attn_logit_softcapping"):
+        return {"choice": "as loaded", "reason": "no attention soft-capping: nothing to gate"}
+    if "label" not in frame.columns:
+        raise ValueError("the attention gate needs labelled rows (a label column)")
+    found = contract.read(model_dir) or {}
+    if (found.get("attention") or {}).get("choice") == SDPA_NO_SOFTCAP:
+        raise ValueError(f"{model_dir}: the attention gate already chose sdpa; remove 'attention' from its contract "
+                         "to measure again")
+    models, tokenizer, _ = load_models(model_dir, [torch.device(device)] if not isinstance(device, torch.device)
+                                       else [device], log=lambda _: None)
+    model = models[0]
+    plain = dataclasses.replace(cfg, time_budget_s=1e9)
+    timings = {}
+
+    def run(name: str) -> np.ndarray:
+        start = time.perf_counter()
+        probs, _ = score(model, tokenizer, frame, plain, log=lambda _: None, progress=False)
+        timings[name] = round(time.perf_counter() - start, 3)
+        return probs
+
+    eager = run("eager")
+    sdpa_without_softcap(model)
+    fast = run(SDPA_NO_SOFTCAP)
+    labels = frame["label"].to_numpy()
+    p, q = np.clip(eager, 1e-15, 1), np.clip(fast, 1e-15, 1)
+    kl = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+    delta = log_loss(labels, fast) - log_loss(labels, eager)
+    passed = kl <= max_mean_kl and delta <= max_delta_log_loss
+    result = {"choice": SDPA_NO_SOFTCAP if passed else "eager", "kl_mean": kl, "delta_log_loss": delta,
+              "log_loss_eager": log_loss(labels, eager), "rows": len(frame), "seconds": timings,
+              "speedup": timings["eager"] / max(timings[SDPA_NO_SOFTCAP], 1e-9),
+              "thresholds": {"max_mean_kl": max_mean_kl, "max_delta_log_loss": max_delta_log_loss},
+              "device": str(device)}
+    if (model_dir / contract.CONTRACT_FILE).is_file():
+        contract.set_entry(model_dir, "attention", result)
+    log(f"attention gate: {result['choice']} — sdpa without soft-cap: mean KL {kl:.2e} (≤ {max_mean_kl:g}), "
+        f"Δ log loss {delta:+.4f} (≤ {max_delta_log_loss:g}), {result['speedup']:.2f}× eager's speed on {len(frame)} rows")
+    return result
 
 
 def match_embed_scale(model: Any, trained_dtype: str | None, log: Callable[[str], None] = print) -> None:

@@ -558,3 +558,59 @@ def test_the_temperature_is_fitted_on_the_kernels_own_output_and_applied_once(lo
         assert log_loss(labels, worse) > fit["log_loss_after"]
     with pytest.raises(ValueError, match="labelled rows"):
         inference.fit_output_temperature(model, tok, rows.drop(columns="label"), CFG, log=lambda _: None)
+
+
+def _gemma2_folder(tmp_path, tokenizer, name, softcap):
+    from transformers import AutoModelForSequenceClassification
+
+    from lmsys_lib import contract
+
+    base = modeling.save_tiny_checkpoint("gemma2", copy.deepcopy(tokenizer), tmp_path / f"{name}-base", layers=4)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3, dtype=torch.float32)
+    model.config.attn_logit_softcapping = softcap
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 0.5)
+        for layer in model.model.layers:  # large attention logits: a cap of 0.5 then changes them
+            layer.self_attn.q_proj.weight.mul_(30.0)
+    model.save_pretrained(tmp_path / name)
+    modeling.load_tokenizer(base).save_pretrained(tmp_path / name)
+    contract.write(tmp_path / name, PackConfig(max_length=128), None, "float32", "quantize")
+    return tmp_path / name
+
+
+def test_the_attention_gate_keeps_eager_unless_sdpa_without_the_cap_is_faithful(tmp_path, tokenizer, synth_frame):
+    from lmsys_lib import contract
+
+    rows = synth_frame.iloc[:40]
+    cfg = dataclasses.replace(CFG, rule_priors=False)
+    loose = _gemma2_folder(tmp_path, tokenizer, "loose", 50.0)  # Gemma-2's cap: these logits never reach it
+    said = []
+    result = inference.attention_gate(loose, rows, cfg, "cpu", max_mean_kl=1e-5, log=said.append)
+    assert result["choice"] == "sdpa-no-softcap" and result["kl_mean"] < 1e-10 and "attention gate" in said[0]
+    kl_loose = result["kl_mean"]
+    assert contract.read(loose)["attention"]["choice"] == "sdpa-no-softcap"
+    models, tok, _ = inference.load_models(loose, inference.devices_for("cpu"), log=said.append)
+    assert models[0].config._attn_implementation == "sdpa"
+    assert all(layer.self_attn.attn_logit_softcapping is None for layer in models[0].model.layers)
+    assert any("passed the attention gate" in s for s in said)
+    gated, _ = _predict(models[0], tok, rows, cfg)
+    eager, _, _ = inference.load_models(_gemma2_folder(tmp_path, tokenizer, "plain", 50.0), inference.devices_for("cpu"),
+                                        log=lambda _: None)
+    np.testing.assert_allclose(gated, _predict(eager[0], tok, rows, cfg)[0], atol=1e-5)
+    tight = _gemma2_folder(tmp_path, tokenizer, "tight", 0.5)  # a cap that bites: sdpa without it differs
+    result = inference.attention_gate(tight, rows, cfg, "cpu", max_mean_kl=1e-5, log=lambda _: None)
+    assert result["choice"] == "eager" and result["kl_mean"] > max(1e-5, 1e6 * kl_loose), result
+    models, _, _ = inference.load_models(tight, inference.devices_for("cpu"), log=lambda _: None)
+    assert models[0].config._attn_implementation == "eager"
+    llama = inference.attention_gate(_classifier_dir(tmp_path, tokenizer), rows, cfg, "cpu", log=lambda _: None)
+    assert llama["choice"] == "as loaded"  # no soft-capping: sdpa is already exact
+
+
+def _classifier_dir(tmp_path, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    base = modeling.save_tiny_checkpoint("llama", copy.deepcopy(tokenizer), tmp_path / "l-base")
+    AutoModelForSequenceClassification.from_pretrained(base, num_labels=3).save_pretrained(tmp_path / "l")
+    modeling.load_tokenizer(base).save_pretrained(tmp_path / "l")
+    return tmp_path / "l"
