@@ -47,7 +47,11 @@ from lmsys_lib.config import InferenceConfig, ModelConfig, PackConfig, QuantizeC
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = ROOT / "lmsys_lib" / "architectures"
-REAL_SAMPLE = Path(os.environ.get("LMSYS_REAL_SAMPLE", ROOT.parent / "shared" / "data" / "real_sample"))
+# the shared real sample: $LMSYS_REAL_SAMPLE, else a copy in bench/.real_sample (git-ignored: what a device run
+# carries — `cp -r ../shared/data/real_sample bench/.real_sample`), else the folder beside the checkout
+REAL_SAMPLE = next((p for p in (Path(os.environ.get("LMSYS_REAL_SAMPLE", "/nonexistent")), ROOT / "bench" / ".real_sample",
+                                ROOT.parent / "shared" / "data" / "real_sample") if (p / "train_head_100.csv").exists()),
+                   None)
 # dense fp16 / bf16 tensor-core peaks, TFLOP/s (the vendors' data sheets, without sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "L4": 121.0, "A10G": 125.0,
                "A10": 125.0, "V100": 125.0, "T4": 65.0, "P100": 18.7}
@@ -93,8 +97,18 @@ def build(config: Any, dtype: torch.dtype, device: torch.device, attention: str)
 
 
 def matmul_params(model: Any) -> int:
-    """Parameters that cost 2 FLOPs a token in the forward (everything but the embedding table)."""
-    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    """Parameters that cost 2 FLOPs a token in the forward (everything but the embedding table); a packed
+    4-bit tensor (bitsandbytes' ``Params4bit``) holds 2 weights a byte of its storage."""
+    def weights(p: Any) -> int:
+        return p.numel() * p.element_size() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+
+    return sum(weights(p) for n, p in model.named_parameters() if "embed_tokens" not in n)
+
+
+def project_t4_hours(rows: int, mean_tokens: float, params: int, mfu: float, passes: int = 2) -> float:
+    """Hours on 2×T4 for ``rows`` rows of ``mean_tokens`` tokens, ``passes`` passes, 2·params FLOPs a token, at
+    ``mfu`` of the T4's fp16 peak — a projection (optimistic: the MFU of a bigger GPU, the boost-clock peak)."""
+    return rows * mean_tokens * passes * 2 * params / (mfu * T4_TFLOPS * 1e12 * 2) / 3600
 
 
 def peak_tflops(device: torch.device) -> tuple[float | None, str]:
@@ -117,11 +131,13 @@ def tokenizer_for(path: str | None) -> tuple[Any, str]:
         return tok, f"a BPE trained on the rows (no SmolLM2 tokenizer: {type(err).__name__}) — lengths ≠ real"
 
 
+ROWS_SOURCE = {"name": "real sample" if REAL_SAMPLE else "synthetic (no real sample found: lengths are not real)"}
+
+
 def real_rows(n: int, seed: int) -> Any:
     """``n`` rows drawn (with replacement) from the shared real sample, or synthetic ones when it is absent."""
-    path = REAL_SAMPLE / "train_head_100.csv"
-    if path.exists():
-        frame = parsing.read_competition(path).frame
+    if REAL_SAMPLE is not None:
+        frame = parsing.read_competition(REAL_SAMPLE / "train_head_100.csv").frame
     else:  # no shared sample on this machine: the embedded default's rows (their lengths are not real ones)
         from lmsys_lib import synthetic
         from lmsys_lib.config import SynthConfig
@@ -140,6 +156,9 @@ def sync(device: torch.device) -> None:
 
 
 def reset_peak(device: torch.device) -> None:
+    import gc
+
+    gc.collect()  # what an earlier row or section left behind
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -214,7 +233,7 @@ def section_inference(smoke: bool, device: torch.device, tokenizer: Any, rows: i
     naive = measure("emiz6413 loop, eager (baseline)", lambda: naive_loop(model, tokenizer, frame, pack, device))
     ours = measure("our kernel, eager", lambda: inference.score(model, tokenizer, frame, cfg, progress=False,
                                                                 log=quiet)[0])
-    modeling.sdpa_without_softcap(model)  # the attention gate's candidate
+    changed = modeling.sdpa_without_softcap(model)  # the attention gate's candidate
     fast = measure("our kernel, sdpa, no soft-cap", lambda: inference.score(model, tokenizer, frame, cfg,
                                                                             progress=False, log=quiet)[0])
     for r in results:
@@ -224,12 +243,14 @@ def section_inference(smoke: bool, device: torch.device, tokenizer: Any, rows: i
     best = results[1]["mfu"]
     projection = None
     if best:
-        hours = KAGGLE_ROWS * mean_tokens * 2 * 2 * params / (best * T4_TFLOPS * 1e12 * 2) / 3600
-        projection = {"hours_2xT4_25k_rows_full_tta": hours,
-                      "inputs": f"{KAGGLE_ROWS} rows × {mean_tokens:.0f} tokens (this sample's mean at {length}) × 2 "
-                                f"passes × 2·{params / 1e9:.2f}e9 FLOPs, at the MFU measured here ({best:.3f}) on "
-                                f"2 × {T4_TFLOPS:g} TFLOP/s (T4 fp16) — a projection, not a T4 measurement"}
-    return {"device": where, "rows": len(frame), "mean_tokens": mean_tokens, "tokens": tokens,
+        projection = {"hours_2xT4_25k_rows_full_tta": project_t4_hours(KAGGLE_ROWS, mean_tokens, params, best),
+                      "inputs": f"{KAGGLE_ROWS} rows × {mean_tokens:.0f} tokens (this sample's mean at {length}, "
+                                f"{ROWS_SOURCE['name']}, this tokenizer) × 2 passes × 2·{params / 1e9:.2f}e9 FLOPs, at "
+                                f"the MFU measured here ({best:.3f}) on 2 × {T4_TFLOPS:g} TFLOP/s (T4 fp16, boost) — "
+                                "a projection, not a T4 measurement, and optimistic: a T4 runs the GPTQ-8 model, "
+                                "eager, at its own (lower) MFU"}
+    return {"device": where, "rows": len(frame), "rows_source": ROWS_SOURCE["name"], "softcap_modules_changed": changed,
+            "mean_tokens": mean_tokens, "tokens": tokens,
             "params_matmul_b": params / 1e9, "results": results, "kl_sdpa_vs_eager": kl,
             "agreement_sdpa_vs_eager": float(np.mean(ours.argmax(1) == fast.argmax(1))),
             "naive_vs_ours_max_abs": float(np.abs(naive - ours).max()), "projection": projection}
@@ -337,24 +358,27 @@ def train_row(arch: str, name: str, smoke: bool, device: torch.device, batch: in
     params = matmul_params(model)
     rate = batch * length / seconds
     peak, _ = peak_tflops(device)
-    flops_per_token = 6 * params  # forward 2N, backward through activations 2N, recomputed forward 2N
+    peak_flops = peak * 1e12 if peak else None  # model FLOPs 4N (forward 2N, backward through activations 2N);
+    # hardware FLOPs 6N also count the forward gradient checkpointing recomputes
     result = {"model": arch, "precision": name, "attention": attention, "tokens_per_s": rate, "step_s": seconds,
-              "mfu": flops_per_token * rate / (peak * 1e12) if peak else None, "peak_gib": peak_gib(device),
+              "mfu": 4 * params * rate / peak_flops if peak_flops else None,
+              "hfu": 6 * params * rate / peak_flops if peak_flops else None, "peak_gib": peak_gib(device),
               "skipped_steps": skipped, "trainable_m": trainable / 1e6, "params_b": total / 1e9,
               "batch": batch, "length": length}
     return result  # the model and optimizer go with this frame
 
 
-def section_train(smoke: bool, device: torch.device, vocab: int, steps: int) -> dict[str, Any]:
+def section_train(smoke: bool, device: torch.device, vocab: int, steps: int, nf4: bool = False) -> dict[str, Any]:
     length = 64 if smoke else 1024
     runs = [("gemma2-9b", "bf16-naive"), ("gemma2-9b", "bf16"), ("gemma2-9b", "fp16"), ("llama3-8b", "bf16")]
-    try:
-        import bitsandbytes  # noqa: F401
+    missing = None if nf4 else "no nf4 QLoRA row (--nf4: it saves and reloads an 8B checkpoint, minutes)"
+    if nf4:
+        try:
+            import bitsandbytes  # noqa: F401
 
-        runs.append(("llama3-8b", "nf4"))
-        missing = None
-    except Exception as err:  # noqa: BLE001
-        missing = f"bitsandbytes does not import ({type(err).__name__}): no nf4 QLoRA row"
+            runs.append(("llama3-8b", "nf4"))
+        except Exception as err:  # noqa: BLE001
+            missing = f"bitsandbytes does not import ({type(err).__name__}): no nf4 QLoRA row"
     results = []
     for arch, name in runs:
         if name == "nf4" and device.type != "cuda":
@@ -394,15 +418,27 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=96, help="real-sample rows for the inference section")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps per row")
     parser.add_argument("--tokenizer", help="a tokenizer folder (default: the real SmolLM2 tokenizer)")
+    parser.add_argument("--nf4", action="store_true", help="also an nf4 QLoRA step of Llama-3-8B (needs bitsandbytes)")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        help="run on a GPU without the real sample (the lengths, and the projection, are then not real)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda:0")
     if not args.smoke and device.type != "cuda":
         raise SystemExit("no GPU here: run with --smoke to check the script on the CPU")
+    if not args.smoke and REAL_SAMPLE is None and not args.allow_synthetic:
+        raise SystemExit("no real sample (train_head_100.csv): set LMSYS_REAL_SAMPLE or copy ../shared/data/real_sample "
+                         "to bench/.real_sample (and carry it), or pass --allow-synthetic")
     started = time.perf_counter()
     tokenizer, tok_name = tokenizer_for(args.tokenizer)
+    out = args.out or (str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT") else None)
+
+    def save() -> None:  # after every section: a run stopped at its time limit keeps what it measured
+        report["seconds"] = time.perf_counter() - started
+        if out:
+            Path(out).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     _, where = peak_tflops(device)
     report: dict[str, Any] = {"device": where, "torch": torch.__version__, "smoke": args.smoke,
-                              "tokenizer": tok_name, "date": time.strftime("%Y-%m-%d")}
+                              "tokenizer": tok_name, "rows_source": ROWS_SOURCE["name"], "date": time.strftime("%Y-%m-%d")}
     wanted = args.sections.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if "inference" in wanted:
@@ -414,6 +450,7 @@ def main() -> None:
             print(f"sdpa (no soft-cap) vs eager: mean KL {inf['kl_sdpa_vs_eager']:.2e}, agreement "
                   f"{inf['agreement_sdpa_vs_eager']:.3f}" + (f"; projection: {inf['projection']['hours_2xT4_25k_rows_full_tta']:.2f} h"
                                                             f" on 2×T4 ({inf['projection']['inputs']})" if inf["projection"] else ""))
+            save()
         if "quantize" in wanted:
             report["quantize"] = section_quantize(args.smoke, device, tokenizer, Path(tmp))
             q = report["quantize"]
@@ -422,19 +459,16 @@ def main() -> None:
             else:
                 show(f"quantize · GPTQ-8 of a {q['model']} in {q['quantise_s']:.0f} s · prefill {q['batch']} × {q['length']}",
                      q["results"], ["kernel", "tokens_per_s", "ratio"])
+            save()
         if "train" in wanted:
-            report["train"] = section_train(args.smoke, device, len(tokenizer), args.steps)
+            report["train"] = section_train(args.smoke, device, len(tokenizer), args.steps, args.nf4)
             t = report["train"]
             show(f"train · one LoRA step, 1 × {t['length']} tokens, gradient checkpointing", t["results"],
-                 ["model", "precision", "tokens_per_s", "ratio", "mfu", "peak_gib", "skipped_steps"])
+                 ["model", "precision", "tokens_per_s", "ratio", "mfu", "hfu", "peak_gib", "skipped_steps"])
             if t["missing"]:
                 print(t["missing"])
-    report["seconds"] = time.perf_counter() - started
-    print(f"\n{report['seconds']:.0f} s in all")
-    out = args.out or (str(Path(os.environ["OUT"]) / "gpu_check.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-        print(f"→ {out}")
+    save()
+    print(f"\n{report['seconds']:.0f} s in all" + (f" → {out}" if out else ""))
 
 
 if __name__ == "__main__":

@@ -613,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-rank", choices=["entropy", "margin"],
                    help="which rows get the swapped pass first when time is short (default: margin, measured better)")
     p.add_argument("--temperature", type=float,
-                   help="divide the logits by T (default: the model's contract, else its temperature.json, else 1)")
+                   help="temper the output once after the passes, p ∝ p^(1/T) (default: the model's contract, else its "
+                   "temperature.json, else 1)")
     p.add_argument("--no-temperature", action="store_true", help="T = 1, whatever the model folder says")
     p.add_argument("--devices", default="auto", help="auto (every GPU, else CPU), cpu, cpu:2, cuda:0,cuda:1")
     p.add_argument("--priors-from", help="labelled train.csv to measure the rule priors on")

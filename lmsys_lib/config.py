@@ -330,12 +330,14 @@ class QuantizeConfig:
     max_shard_gb: float = 4.0
     fit_temperature_rows: int = 200  # refit T on the quantised model's TTA output with this many holdout rows (0: never)
     attention_gate: bool = True  # a soft-capping model (Gemma-2): sdpa without the cap only if it passes on the holdout
+    inference_max_length: int = 2048  # the length the submission kernel packs at: the gate and T are measured there
     attention_max_mean_kl: float = 1e-3  # the gate: mean KL(eager ‖ sdpa) on the holdout …
     attention_max_delta_log_loss: float = 2e-3  # … and sdpa's log loss at most this much above eager's
 
     def __post_init__(self) -> None:
         _check(self.bits in (4, 8), "bits must be 8 or 4")
         _check(self.fit_temperature_rows >= 0, "fit_temperature_rows must be >= 0")
+        _check(self.inference_max_length >= 16, "inference_max_length must be >= 16")
         _check(self.group_size == -1 or self.group_size >= 16, "group_size must be -1 or >= 16")
         _check(0.0 < self.damp_percent < 1.0, "damp_percent must be in (0, 1)")
         _check(self.calib_rows >= 1 and self.calib_max_length >= 16, "calib_rows >= 1, calib_max_length >= 16")
@@ -416,7 +418,7 @@ class DemoConfig:
         pack=PackConfig(max_length=64), teachers=("smollm2-135m-teacher",))
     holdout_rows: int = 64  # labelled rows no stage trains on (merge and quantisation fidelity)
     # SmolLM2-135M's widths (576, 1536) are multiples of 64, not of 128
-    quantize: QuantizeConfig = QuantizeConfig(group_size=64, calib_rows=24, calib_max_length=64)
+    quantize: QuantizeConfig = QuantizeConfig(group_size=64, calib_rows=24, calib_max_length=64, inference_max_length=64)
     inference: InferenceConfig = InferenceConfig(pack=PackConfig(max_length=64), token_budget=4096,
                                                  degrade_max_length=64, checkpoint_every=64)
     fraction: float = 1.0  # dry run: every notebook works on this share of its rows (0.1, 0.01)

@@ -862,7 +862,7 @@ def fit_output_temperature(models: Any, tokenizer: Any, frame: pd.DataFrame, cfg
     what = (f"the kernel's output ({'swap-TTA averaged, ' if cfg.tta else 'one pass, '}T applied once after the "
             f"passes), {int(mask.sum())} model rows of {len(frame)}")
     log(f"temperature {value:.3f} fitted on {what}: log loss {fit['log_loss_before']:.4f} → {fit['log_loss_after']:.4f}")
-    return {"value": value, **fit, "fitted_on": what, "tta_share": report["tta_share"]}
+    return {"value": value, **fit, "fitted_on": what, "tta_share": report["tta_share"], "max_length": cfg.pack.max_length}
 
 
 def contract_temperature(model_dir: str | Path) -> tuple[float, str] | None:
@@ -968,6 +968,7 @@ def attention_gate(model_dir: str | Path, frame: pd.DataFrame, cfg: InferenceCon
     timings = {}
 
     def run(name: str) -> np.ndarray:
+        score(model, tokenizer, frame.iloc[:2], plain, log=lambda _: None, progress=False)  # warm-up: not timed
         start = time.perf_counter()
         probs, _ = score(model, tokenizer, frame, plain, log=lambda _: None, progress=False)
         timings[name] = round(time.perf_counter() - start, 3)
@@ -985,9 +986,12 @@ def attention_gate(model_dir: str | Path, frame: pd.DataFrame, cfg: InferenceCon
               "log_loss_eager": log_loss(labels, eager), "rows": len(frame), "seconds": timings,
               "speedup": timings["eager"] / max(timings[SDPA_NO_SOFTCAP], 1e-9),
               "thresholds": {"max_mean_kl": max_mean_kl, "max_delta_log_loss": max_delta_log_loss},
-              "device": str(device)}
+              "device": str(device), "max_length": cfg.pack.max_length}
     if (model_dir / contract.CONTRACT_FILE).is_file():
         contract.set_entry(model_dir, "attention", result)
+    else:
+        log(f"WARNING: {model_dir} has no {contract.CONTRACT_FILE}: the attention gate's choice is not recorded and "
+            "the model runs eager")
     log(f"attention gate: {result['choice']} — sdpa without soft-cap: mean KL {kl:.2e} (≤ {max_mean_kl:g}), "
         f"Δ log loss {delta:+.4f} (≤ {max_delta_log_loss:g}), {result['speedup']:.2f}× eager's speed on {len(frame)} rows")
     return result

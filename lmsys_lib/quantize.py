@@ -627,16 +627,17 @@ def run(model_dir: str | Path, out_dir: str | Path, train_csv: str | Path, holdo
         raise
     finally:
         (out / "fidelity.json").write_text(json.dumps(saved_report(report), indent=2), encoding="utf-8")
+    kernel_pack = dataclasses.replace(pack_cfg, max_length=cfg.inference_max_length)  # as the kernel packs
     if cfg.attention_gate:  # before the temperature: T is fitted on the attention the kernel will run
         from . import inference
         from .config import InferenceConfig
 
         report["attention"] = inference.attention_gate(
-            out, rows, InferenceConfig(pack=pack_cfg, degrade_max_length=pack_cfg.max_length, rule_priors=False),
+            out, rows, InferenceConfig(pack=kernel_pack, degrade_max_length=kernel_pack.max_length, rule_priors=False),
             inference.devices_for(str(resolve_device(device)))[0], cfg.attention_max_mean_kl,
             cfg.attention_max_delta_log_loss, log=log)
     if cfg.fit_temperature_rows and len(rows) >= cfg.fit_temperature_rows:
-        report["temperature"] = refit_temperature(out, rows, train, pack_cfg, device, f"{holdout_csv}", log)
+        report["temperature"] = refit_temperature(out, rows, train, kernel_pack, device, f"{holdout_csv}", log)
     else:
         log(f"temperature: the one carried from the student (fitted on its OOF logits) is kept — {len(rows)} "
             f"holdout rows, fewer than fit_temperature_rows = {cfg.fit_temperature_rows}")

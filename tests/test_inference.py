@@ -511,7 +511,7 @@ def test_predict_proba_is_score_without_the_report(loaded, synth_frame):
     assert probs.shape == (16, 3) and np.array_equal(probs, _predict(model, tok, frame)[0])
 
 
-def test_temperature_divides_the_logits_of_each_pass_and_comes_from_the_model_folder(loaded, synth_frame,
+def test_temperature_divides_the_logits_of_a_one_pass_row_and_comes_from_the_model_folder(loaded, synth_frame,
                                                                                        classifier, tmp_path):
     """T from temperature.json (or the contract) divides the logits of a one-pass row: log p_T = log p_1 / T + c
     per row; an explicit temperature wins over the file."""
