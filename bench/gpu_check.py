@@ -19,7 +19,7 @@ Sections (every model is built from a real architecture's config with random wei
   without autocast, and of a Llama-3-8B-shaped one in bf16 at 1,024 tokens (+ nf4 QLoRA when bitsandbytes
   imports): tokens/s, MFU, peak memory.
 
-    python bench/gpu_check.py --out gpu_check.json          # on a GPU: ≤ 8 minutes on an H200-class card
+    python bench/gpu_check.py --out gpu_check.json          # on a GPU: aimed at ≤ 8 minutes (not measured yet)
     python bench/gpu_check.py --smoke --out smoke.json      # anywhere: tiny configs on the CPU, same code
 
 What could not be imported (bitsandbytes, gptqmodel on a bare GPU box) is reported and the rest measured.

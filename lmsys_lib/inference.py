@@ -332,7 +332,7 @@ class _Kernel:
                                        "lock": threading.Lock()}
         self.tta_planned = 0
         self.tta_rank = cfg.tta_rank
-        self.lengths_of: dict[int, Any] = {}  # row → its pass-1 ids at full length
+        self.full_ids: dict[int, Any] = {}  # row → its pass-1 ids at full length
         self.short_rows: set[int] = set()  # rows the deadline re-packed at degrade_max_length (saved: short_plan)
         self.swap_failed: set[int] = set()  # rows whose swapped pass failed: they keep one pass
         self.dead: set[int] = set()  # workers that stopped after failing: not used again
@@ -344,6 +344,7 @@ class _Kernel:
         (``short_plan.json``) stay short, every row is scored once — the full-length batches are the ones an
         uninterrupted run has (whole batches are saved), minus the rows already done."""
         full = self._pass(model_rows, self.cfg.pack.max_length, swap=False)
+        self.full_ids = full.ids  # the swapped pass's lengths (swapping A and B keeps a row's length)
         saved = self.store.plan("short") if self.store else None
         self.short_rows = set(saved or ())
         items = []
@@ -401,7 +402,7 @@ class _Kernel:
 
         def fits(k: int) -> bool:
             rows = sorted(ranked[:k])
-            lengths = [len(self._packed_plain_len(r)) for r in rows]
+            lengths = [len(self.full_ids[r]) for r in rows]
             shapes = [(len(b), max(lengths[i] for i in b)) for b in
                       token_budget_batches(lengths, self.cfg.token_budget, self.cfg.max_batch_rows)]
             return self.guard.plan_seconds(shapes, len(self.models) - len(self.dead)) <= left
@@ -414,9 +415,6 @@ class _Kernel:
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return ranked[:lo]
 
-    def _packed_plain_len(self, row: int) -> Any:
-        return self.lengths_of[row]
-
     # -- plans --------------------------------------------------------------------------------------
 
     def _pass(self, rows: list[int], max_length: int, swap: bool) -> _Pass:
@@ -428,8 +426,6 @@ class _Kernel:
         if rows:
             table = Packer(self.tokenizer, pack).pack_frame_orientations(part, (swap,))[0]
             ids = dict(zip(rows, table["input_ids"]))
-        if not swap and max_length == self.cfg.pack.max_length:
-            self.lengths_of = ids
         return _Pass(ids, swap, max_length)
 
     def _batches(self, current: _Pass, rows: list[int]) -> list[list[int]]:
@@ -595,8 +591,8 @@ class _Kernel:
         that is not enough, score the shortest rows first until the time is spent (the rest get the prior). A
         batch that would end past the budget is not started — a shorter one may still be. While one length has
         been measured (the rows capped at max_length come first) the per-token rate over-projects the shorter
-        rest by up to attention's share of the time, so a few more rows may be cut than needed: a row cut to
-        ``degrade_max_length`` costs far less than a row left to the prior."""
+        rest by up to attention's share of the time, so a few more rows may be cut than needed — the safe side:
+        a row cut short is still scored by the model, a row past the deadline gets the prior."""
         cfg, guard = self.cfg, self.guard
         if not work.queue:
             return
@@ -629,8 +625,9 @@ class _Kernel:
 
         def plan(j: int) -> list[tuple[list[int], _Pass]]:
             """The first j full-length queued batches' rows re-packed short, the rest as they are."""
-            cut = {r for i in heads[:j] for r in queued[i][0]}
-            kept = [item for i, item in enumerate(queued) if i not in set(heads[:j])]
+            taken = set(heads[:j])
+            cut = {r for i in taken for r in queued[i][0]}
+            kept = [item for i, item in enumerate(queued) if i not in taken]
             return [(b, short) for b in self._batches(short, [r for r in head_rows if r in cut])] + kept
 
         lo, hi = 0, len(heads)  # fits(plan(0)) is False; the smallest j that fits, or all
@@ -659,7 +656,7 @@ class _Kernel:
             work.queue.clear()
             work.queue.extend(ordered)
         state["racing"] = True
-        self.log(f"deadline guard: pass 1 projected past the budget even at max_length {self.cfg.degrade_max_length}: "
+        self.log("deadline guard: pass 1 projected past the budget with every row that can be re-packed short: "
                  "scoring the shortest remaining rows first; what is left at the deadline gets the prior")
 
     # -- the result ----------------------------------------------------------------------------------
