@@ -19,7 +19,7 @@ def _code_cells(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
-def test_notebooks_are_thin(path):
+def test_notebooks_are_thin(path, caplog):
     nb = nbformat.read(path, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "one papermill parameters cell"
@@ -36,11 +36,26 @@ def test_notebooks_are_thin(path):
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
     assigned = [getattr(t, "id", None) for node in ast.parse(params[0].source).body for t in node.targets]
     assert None not in assigned, "one name per assignment: papermill reads nothing else (`k, seed = 5, 42`)"
-    seen = pm.inspect_notebook(str(path))
+    with caplog.at_level("WARNING", logger="papermill"):
+        seen = pm.inspect_notebook(str(path))
+    unparsed = [r.getMessage() for r in caplog.records if "Unable to parse" in r.getMessage()]
+    assert not unparsed, f"papermill cannot parse the parameters cell: {unparsed}"
     hidden = [name for name in assigned if name not in seen]
     assert not hidden, f"parameters papermill cannot see (one assignment per line, no '=' in the comment): {hidden}"
-    commented = [line.split("=")[0].strip() for line in params[0].source.splitlines() if "  #" in line]
-    assert all(seen[name]["help"] for name in commented), "a parameter's comment is its help"
+    silent = [name for name in assigned if not seen[name]["help"]]
+    assert not silent, f"a parameter's comment is its help; these have none: {silent}"
+
+
+def test_demo_passes_only_parameters_papermill_sees(tmp_path):
+    """`lmsys demo` hands each notebook names its parameters cell declares (papermill would print "Passed unknown
+    parameter" otherwise), and `config` to every notebook whose stage has one."""
+    from lmsys_lib import demo
+    from lmsys_lib.config import DemoConfig
+
+    for stage in demo.stages(tmp_path, DemoConfig()):
+        seen = pm.inspect_notebook(str(NOTEBOOKS / stage.notebook))
+        passed = set(stage.params) | ({"config"} if stage.config is not None else set())
+        assert passed <= set(seen), f"{stage.notebook}: unknown parameters {sorted(passed - set(seen))}"
 
 
 def test_eda_notebook_runs_headless(synth_dir, tmp_path):
