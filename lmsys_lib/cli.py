@@ -1,7 +1,8 @@
 """The ``lmsys`` command (also ``python -m lmsys_lib``): thin wrappers over the stages.
 
 Exit codes: 0 success; 1 the input has fatal problems (each printed by row and field); 2 a file could not
-be read, or a usage / environment error (message on stderr, never a traceback).
+be read, or a usage / environment error (one line on stderr; ``--debug`` or ``LMSYS_DEBUG=1`` adds the
+traceback). Every command's ``--help`` ends with real examples (``EXAMPLES``); every option has help text.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import textwrap
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,12 +54,14 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     from .config import PackConfig
     from .parsing import read_competition
     from .prompting import Packer
+    from .zoo import resolve_model_dir
 
     result = read_competition(args.data, on_bad_cell=args.on_bad_cell)
     for problem in result.warnings[:20]:
         print(f"warning {problem}", file=sys.stderr)
     frame = result.frame
-    packer = Packer(AutoTokenizer.from_pretrained(args.tokenizer), PackConfig(max_length=args.max_length))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
+    packer = Packer(tokenizer, PackConfig(max_length=args.max_length))
     packed = packer.pack_frame(frame, swap=args.swap, progress=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     packed.to_parquet(args.out)
@@ -69,9 +75,10 @@ def _cmd_eda(args: argparse.Namespace) -> int:
 
     from .eda import write_report
     from .parsing import read_competition
+    from .zoo import resolve_model_dir
 
     frame = read_competition(args.data).frame
-    print(write_report(frame, AutoTokenizer.from_pretrained(args.tokenizer), args.out))
+    print(write_report(frame, AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer)), args.out))
     return 0
 
 
@@ -483,9 +490,95 @@ def _fold_stage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="train the folds it runs again from scratch")
 
 
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "demo": ("lmsys demo", "lmsys demo --run-dir runs/try --fraction 0.1"),
+    "teacher": ("lmsys teacher --run-dir runs/r --model-dir zoo:smollm2-135m --folds 0 --fraction 0.1",
+                "accelerate launch --config_file configs/accelerate/8xA100-ddp-qlora.yaml -m lmsys_lib teacher "
+                "--run-dir runs/winner --config configs/recipe/winner/teacher-llama3-70b.json"),
+    "distill": ("lmsys distill --run-dir runs/r --model-dir zoo:smollm2-135m --teachers teacher",
+                "accelerate launch --config_file configs/accelerate/8xA100-ddp.yaml -m lmsys_lib distill "
+                "--run-dir runs/winner --config configs/recipe/winner/student-gemma2-9b.json"),
+    "prepare": ("lmsys prepare --train train.csv --run-dir runs/winner --folds 5 --holdout 0.05 "
+                "--extra ultrafeedback.csv",),
+    "import-logits": ("lmsys import-logits --run-dir runs/winner --file llama3-70b_logits.parquet",),
+    "plan": ("lmsys plan --recipe configs/recipe/winner", "lmsys plan --recipe configs/recipe/prototype "
+             "--run-dir runs/proto --price-per-hour 2.5"),
+    "merge": ("lmsys merge --run-dir runs/winner --name gemma2-9b",
+              "lmsys merge --folds-dir runs/r/student/student --base zoo:smollm2-135m --out merged/"),
+    "quantize": ("lmsys quantize --run-dir runs/winner --config configs/recipe/winner/quantize.json",
+                 "lmsys quantize --model merged/ --out quantized/ --data train.csv --holdout holdout.csv --bits 8"),
+    "predict": ("lmsys predict --run-dir runs/winner --config configs/recipe/winner/inference.json",
+                "lmsys predict --model quantized/ --data test.csv --out submission.csv --time-budget 8h15m"),
+    "kaggle": ("lmsys kaggle build --run-dir runs/winner --user alice", "lmsys kaggle push --dry-run"),
+    "kaggle metadata": ("lmsys kaggle metadata --user alice",),
+    "kaggle validate": ("lmsys kaggle validate", "lmsys kaggle validate build/kaggle --for-push"),
+    "kaggle build": ("lmsys kaggle build --run-dir runs/winner --user alice",
+                     "lmsys kaggle build --no-wheels --out build/kaggle"),
+    "kaggle push": ("lmsys kaggle push --dry-run", "lmsys kaggle push --only 05 --message 'new student'"),
+    "evaluate": ("lmsys evaluate --run-dir runs/r --pred runs/r/teachers/teacher/oof.parquet",
+                 "lmsys evaluate --pred submission.csv --data holdout.csv --out report/"),
+    "fetch-models": ("lmsys fetch-models", "lmsys fetch-models smollm2-135m --cache ~/.cache/lmsys"),
+    "validate": ("lmsys validate train.csv", "lmsys validate submission.csv --test test.csv"),
+    "synth": ("lmsys synth --out data/ --rows 2000 --test-rows 300",),
+    "pack": ("lmsys pack --data train.csv --tokenizer zoo:smollm2-135m --max-length 1024 --out packed.parquet",),
+    "eda": ("lmsys eda --data train.csv --tokenizer zoo:smollm2-135m --out runs/eda",),
+}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Paragraphs of the description and epilog wrapped one by one; example lines (``  $ …``) kept verbatim."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out = []
+        for block in text.split("\n\n"):
+            if block.startswith("  $ ") or block.startswith("examples:"):
+                out.append(block)
+            else:
+                out.append(textwrap.fill(" ".join(block.split()), width, initial_indent=indent,
+                                         subsequent_indent=indent))
+        return "\n\n".join(out)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _with_examples(parser: argparse.ArgumentParser, name: str) -> None:
+    """Append the command's examples to its epilog (a missing entry is a bug: the test checks every command)."""
+    lines = "\n".join(f"  $ {line}" for line in EXAMPLES[name])
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, print the traceback too (also: LMSYS_DEBUG=1)")
+    parser.epilog = (f"{parser.epilog}\n\n" if parser.epilog else "") + "examples:\n" + lines
+    parser.formatter_class = _Help
+
+
+def _all_commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every sub-command's parser by its full name ("kaggle push")."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                sub.description = sub.description or helps.get(name)
+                full = f"{prefix}{name}"
+                found[full] = sub
+                found |= _all_commands(sub, full + " ")
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmsys", description="arena-distill: LMSYS Chatbot Arena tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="lmsys", description="arena-distill: LMSYS Chatbot Arena tools",
+                                     epilog="examples:\n  $ lmsys demo\n  $ lmsys plan --recipe configs/recipe/winner",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"lmsys {__version__}",
+                        help="print the version of lmsys_lib and exit")
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("LMSYS_DEBUG", "") not in ("", "0"),
+                        help="on an error, print the traceback too (also: LMSYS_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the chain on the embedded default data")
     p.add_argument("--run-dir", default="runs/demo", help="run folder (default: runs/demo)")
@@ -605,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override config fields, e.g. token_budget=8192")
     p.add_argument("--pack-config", help="JSON PackConfig (default: the model's contract, lmsys_contract.json)")
     p.add_argument("--tta", dest="tta", action="store_true", default=None, help="A/B-swap TTA (default: on)")
-    p.add_argument("--no-tta", dest="tta", action="store_false")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="one orientation only (half the time)")
     p.add_argument("--max-length", type=int, help="prompt length in tokens (default 2048)")
     p.add_argument("--time-budget", help="e.g. 9h, 8h15m, 600 (default: 9 h minus 45 min)")
     p.add_argument("--started-at", help="when the budget started: Unix seconds or an ISO time such as "
@@ -669,33 +762,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_fetch_models)
 
     p = sub.add_parser("validate", help="check train/test/submission files; exit 1 on fatal problems")
-    p.add_argument("paths", nargs="+")
+    p.add_argument("paths", nargs="+", help="train.csv, test.csv or submission files (each checked by its columns)")
     p.add_argument("--test", help="test.csv: a submission's ids must match it exactly, in order")
-    p.add_argument("--max-warnings", type=int, default=20)
+    p.add_argument("--max-warnings", type=int, default=20, help="warnings printed per file")
     p.set_defaults(fn=_cmd_validate)
 
     p = sub.add_parser("synth", help="write the embedded default data set")
-    p.add_argument("--out", required=True)
-    p.add_argument("--rows", type=int, default=2000)
-    p.add_argument("--test-rows", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for train.csv, test.csv and sample_submission.csv")
+    p.add_argument("--rows", type=int, default=2000, help="labelled rows (train.csv)")
+    p.add_argument("--test-rows", type=int, default=300, help="unlabelled rows (test.csv)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator (same seed, same files)")
     p.set_defaults(fn=_cmd_synth)
 
     p = sub.add_parser("pack", help="pack a train/test file into token ids (parquet)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--tokenizer", required=True, help="a tokenizer folder (AutoTokenizer.from_pretrained)")
-    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--data", required=True, help="a competition-format CSV (train.csv, test.csv)")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer folder, zoo:<name> or a hub id")
+    p.add_argument("--max-length", type=int, default=2048, help="token budget of each packed row")
     p.add_argument("--swap", action="store_true", help="pack with responses A and B exchanged")
     p.add_argument("--on-bad-cell", choices=("raise", "text"), default="raise",
                    help="text: keep an undecodable cell as one turn of raw text (warned), so no row is lost")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the parquet file to write (ids, n_tokens, truncated, …)")
     p.set_defaults(fn=_cmd_pack)
 
     p = sub.add_parser("eda", help="write the EDA report (eda.md + plots/) for a train file")
-    p.add_argument("--data", required=True)
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="the competition's train.csv (or any labelled file of its format)")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer folder, zoo:<name> or a hub id")
+    p.add_argument("--out", required=True, help="folder for eda.md and plots/")
     p.set_defaults(fn=_cmd_eda)
+    for name, command in _all_commands(parser).items():
+        _with_examples(command, name)
     return parser
 
 
@@ -706,8 +801,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0
-    except Exception as err:  # the CLI's contract: a message, never a traceback
-        print(f"lmsys {args.command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+    except Exception as err:  # the CLI's contract: one clear line; the traceback only when asked for
+        if args.debug:
+            traceback.print_exc()
+        print(f"lmsys {args.command}: error: {type(err).__name__}: {err}"
+              + ("" if args.debug else "  (--debug or LMSYS_DEBUG=1 shows the traceback)"), file=sys.stderr)
         return 2
 
 

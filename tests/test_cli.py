@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -133,3 +134,44 @@ def test_console_script_and_module_entry_points():
     proc = subprocess.run(["lmsys", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "validate" in proc.stdout and "demo" in proc.stdout
     assert _lmsys("--help").returncode == 0
+
+
+def test_every_command_has_examples_and_every_option_help():
+    """`--help` of each command ends with real examples, every option and argument says what it is, and each
+    example parses with the real parser (a renamed flag cannot leave a stale example behind)."""
+    import shlex
+
+    from lmsys_lib import cli
+
+    parser = cli.build_parser()
+    commands = cli._all_commands(parser)
+    assert set(commands) == set(cli.EXAMPLES), "one examples entry per command"
+    for name, command in commands.items():
+        silent = [a.dest for a in command._actions if not a.help and a.dest != "help"
+                  and not isinstance(a, argparse._SubParsersAction)]
+        assert not silent, f"lmsys {name}: options without help text: {silent}"
+        text = command.format_help()
+        assert text.rstrip().splitlines()[-1].startswith("  $ lmsys") or "accelerate launch" in text, name
+        assert command.description, f"lmsys {name}: --help says what the command does"
+        for example in cli.EXAMPLES[name]:
+            argv = shlex.split(example.split(" -m lmsys_lib ")[-1] if " -m lmsys_lib " in example else example)
+            argv = argv[1:] if argv[0] == "lmsys" else argv
+            if argv[0] != name.split()[0]:  # accelerate launch … -m lmsys_lib teacher …: the part after -m
+                argv = argv[argv.index(name.split()[0]):]
+            parser.parse_args(argv)  # raises SystemExit on a stale flag
+
+
+def test_version_and_debug_traceback(tmp_path, monkeypatch):
+    from lmsys_lib import __version__
+
+    proc = _lmsys("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"lmsys {__version__}"
+    quiet = _lmsys("plan", "--recipe", str(tmp_path / "nope"))
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    line = [x for x in quiet.stderr.splitlines() if x.startswith("lmsys plan: error")]
+    assert len(line) == 1 and "recipe.json" in line[0] and "--debug" in line[0]
+    for argv, env in ((("--debug", "plan"), {}), (("plan", "--debug"), {}), (("plan",), {"LMSYS_DEBUG": "1"})):
+        monkeypatch.setenv("LMSYS_DEBUG", env.get("LMSYS_DEBUG", ""))
+        loud = _lmsys(*argv, "--recipe", str(tmp_path / "nope"))
+        assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr, argv
+        assert "lmsys plan: error: FileNotFoundError" in loud.stderr
