@@ -430,12 +430,12 @@ def _cmd_kaggle(args: argparse.Namespace) -> int:
 
     project = Path(args.project) if getattr(args, "project", None) else _repo_root()
     if args.kaggle_command == "metadata":
-        for path in kaggle.write_repo_metadata(project, args.user or kaggle.PLACEHOLDER_USER):
+        for path in kaggle.write_repo_metadata(project, args.user or kaggle.PLACEHOLDER_USER, reset=args.reset):
             print(path)
         return 0
     if args.kaggle_command == "validate":
         roots = args.paths or [project / "kernel-metadata", project / "datasets-metadata"]
-        problems = [p for root in roots for p in kaggle.validate_tree(root, for_push=args.for_push)]
+        problems = [p for root in roots for p in kaggle.validate_tree(root, for_push=args.for_push, client=True)]
         for problem in problems:
             print(f"ERROR {problem}")
         print(f"{len(problems)} problem(s) in {', '.join(map(str, roots))}")
@@ -510,7 +510,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "predict": ("lmsys predict --run-dir runs/winner --config configs/recipe/winner/inference.json",
                 "lmsys predict --model quantized/ --data test.csv --out submission.csv --time-budget 8h15m"),
     "kaggle": ("lmsys kaggle build --run-dir runs/winner --user alice", "lmsys kaggle push --dry-run"),
-    "kaggle metadata": ("lmsys kaggle metadata --user alice",),
+    "kaggle metadata": ("lmsys kaggle metadata --user alice", "lmsys kaggle metadata --reset"),
     "kaggle validate": ("lmsys kaggle validate", "lmsys kaggle validate build/kaggle --for-push"),
     "kaggle build": ("lmsys kaggle build --run-dir runs/winner --user alice",
                      "lmsys kaggle build --no-wheels --out build/kaggle"),
@@ -716,8 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("kaggle", help="Kaggle packaging: metadata, offline validation, build, push")
     ksub = p.add_subparsers(dest="kaggle_command", required=True)
-    k = ksub.add_parser("metadata", help="(re)write kernel-metadata/ and datasets-metadata/ in the checkout")
+    k = ksub.add_parser("metadata", help="(re)write kernel-metadata/ and datasets-metadata/ in the checkout, keeping "
+                        "your edits of them (added sources, is_private, keywords, a licence)")
     k.add_argument("--user", help="Kaggle user name (default: the placeholder)")
+    k.add_argument("--reset", action="store_true", help="write them anew: your edits are dropped")
     k = ksub.add_parser("validate", help="check every kernel-metadata.json / dataset-metadata.json offline; "
                         "exit 1 naming file and field")
     k.add_argument("paths", nargs="*", help="folders to search (default: the checkout's metadata folders)")

@@ -25,6 +25,8 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -237,10 +239,35 @@ def kernel_metadata(spec: KernelSpec, user: str, code_file: str) -> dict[str, An
     return meta
 
 
-def dataset_metadata(spec: DatasetSpec, user: str) -> dict[str, Any]:
-    """The dataset-metadata.json of a suite dataset (private; one licence, as the CLI requires)."""
+# Licences. The wheels: third-party packages, each under its own licence (lmsys_lib itself: Apache-2.0).
+# A model: the base model's terms travel with every derivative (a Gemma student stays under the Gemma Terms
+# of Use; CC0 would misstate them). Kaggle's licence name for these is "other", named in the description.
+WHEELS_LICENCE = ("the lmsys_lib wheel (Apache-2.0) and unmodified third-party wheels, each under the licence in "
+                  "its own metadata")
+MODEL_LICENCES = {  # model_type of the checkpoint's config.json → the terms a derivative carries
+    "gemma": "the Gemma Terms of Use (https://ai.google.dev/gemma/terms): this model is derived from Gemma",
+    "gemma2": "the Gemma Terms of Use (https://ai.google.dev/gemma/terms): this model is derived from Gemma",
+    "gemma3": "the Gemma Terms of Use (https://ai.google.dev/gemma/terms): this model is derived from Gemma",
+    "gemma3_text": "the Gemma Terms of Use (https://ai.google.dev/gemma/terms): this model is derived from Gemma",
+}
+UNKNOWN_MODEL_LICENCE = ("the licence of the base model it was fine-tuned from (name it: licenses and description "
+                         "in datasets-metadata/arena-distill-student-gptq/dataset-metadata.json)")
+
+
+def model_licence(model_type: str | None) -> tuple[str, bool]:
+    """The terms a fine-tuned model of ``model_type`` is shared under, and whether they are known from the type
+    alone (``llama`` covers Meta's Llama and Apache-licensed SmolLM2 alike: not known)."""
+    known = MODEL_LICENCES.get(str(model_type))
+    return (known, True) if known else (UNKNOWN_MODEL_LICENCE, False)
+
+
+def dataset_metadata(spec: DatasetSpec, user: str, terms: str | None = None) -> dict[str, Any]:
+    """The dataset-metadata.json of a suite dataset (private; one licence, as the CLI requires): licence
+    "other", the terms named in the description (``terms``: a model's, from ``model_licence``)."""
+    terms = terms or (WHEELS_LICENCE if spec == WHEELS else UNKNOWN_MODEL_LICENCE)
     return {"title": spec.title, "id": f"{user}/{spec.slug}", "subtitle": _subtitle(spec.content),
-            "licenses": [{"name": "CC0-1.0"}], "isPrivate": True}
+            "description": f"{spec.content} (arena-distill). Licence: {terms}.",
+            "licenses": [{"name": "other"}], "isPrivate": True}
 
 
 def _subtitle(text: str) -> str:
@@ -253,14 +280,82 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def write_repo_metadata(repo: str | Path, user: str = PLACEHOLDER_USER) -> list[Path]:
+# ---------------------------------------------------------------- the committed files are the user's: overlays
+
+LIST_KEYS = ("dataset_sources", "competition_sources", "kernel_sources", "model_sources", "keywords")
+BUILD_KEYS = ("code_file",)  # the build's own: its notebook sits beside the metadata
+
+
+def kernel_template(spec: KernelSpec) -> dict[str, Any]:
+    """What ``lmsys kaggle metadata`` commits for a kernel (placeholder user, code_file in ``notebooks/``)."""
+    return kernel_metadata(spec, PLACEHOLDER_USER, f"../../notebooks/{spec.notebook}")
+
+
+def dataset_template(spec: DatasetSpec) -> dict[str, Any]:
+    """What ``lmsys kaggle metadata`` commits for a dataset."""
+    return dataset_metadata(spec, PLACEHOLDER_USER)
+
+
+def user_edits(committed: dict[str, Any] | None, template: dict[str, Any]) -> dict[str, Any]:
+    """The user's edits of a committed metadata file: every key whose value differs from the template, and for
+    the list keys only the entries the template lacks (a source added, a keyword). ``{}`` for no file."""
+    edits: dict[str, Any] = {}
+    for key, value in (committed or {}).items():
+        if key in LIST_KEYS and isinstance(value, list) and isinstance(template.get(key), list):
+            added = [v for v in value if v not in template[key]]
+            if added:
+                edits[key] = added
+        elif key not in template or template[key] != value:
+            edits[key] = value
+    return edits
+
+
+def apply_edits(generated: dict[str, Any], edits: dict[str, Any], user: str) -> dict[str, Any]:
+    """``generated`` with the user's ``edits`` on top: they win, list entries are appended (no duplicates), the
+    placeholder owner becomes ``user``; ``code_file`` stays the build's."""
+    out = json.loads(json.dumps(generated))
+    for key, value in _with_user(edits, user).items():
+        if key in BUILD_KEYS:
+            continue
+        if key in LIST_KEYS and isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] += [v for v in value if v not in out[key]]
+        else:
+            out[key] = value
+    return out
+
+
+def _with_user(value: Any, user: str) -> Any:
+    if isinstance(value, str) and value.startswith(PLACEHOLDER_USER + "/"):
+        return user + value[len(PLACEHOLDER_USER):]
+    if isinstance(value, list):
+        return [_with_user(v, user) for v in value]
+    if isinstance(value, dict):
+        return {k: _with_user(v, user) for k, v in value.items()}
+    return value
+
+
+def read_committed(path: Path) -> dict[str, Any] | None:
+    """A committed metadata file (None when there is none); unreadable JSON is an error naming the file."""
+    if not path.is_file():
+        return None
+    data, problems, _ = _read_meta(path)
+    if data is None:
+        raise MetadataError(problems)
+    return data
+
+
+def write_repo_metadata(repo: str | Path, user: str = PLACEHOLDER_USER, reset: bool = False) -> list[Path]:
     """(Re)write ``kernel-metadata/<slug>/`` (code_file pointing at ``notebooks/``) and
-    ``datasets-metadata/<slug>/`` in the checkout — the templates ``lmsys kaggle build`` fills in."""
+    ``datasets-metadata/<slug>/`` in the checkout — the files ``lmsys kaggle build`` lays the user's edits of
+    onto what it generates. The user's edits of the files already there are kept (``reset``: written anew)."""
     repo = Path(repo)
-    paths = [write_json(repo / "kernel-metadata" / k.slug / "kernel-metadata.json",
-                        kernel_metadata(k, user, f"../../notebooks/{k.notebook}")) for k in SUITE_KERNELS]
-    paths += [write_json(repo / "datasets-metadata" / d.slug / "dataset-metadata.json", dataset_metadata(d, user))
+    files = [(repo / "kernel-metadata" / k.slug / "kernel-metadata.json", kernel_template(k)) for k in SUITE_KERNELS]
+    files += [(repo / "datasets-metadata" / d.slug / "dataset-metadata.json", dataset_template(d))
               for d in SUITE_DATASETS]
+    paths = []
+    for path, template in files:
+        edits = {} if reset else user_edits(read_committed(path), template)
+        paths.append(write_json(path, apply_edits(_with_user(template, user), edits, user)))
     return paths
 
 
@@ -440,15 +535,55 @@ def validate_dataset_metadata(folder: str | Path, for_push: bool = False) -> lis
     return problems
 
 
-def validate_tree(root: str | Path, for_push: bool = False) -> list[MetadataProblem]:
-    """Every ``kernel-metadata.json`` and ``dataset-metadata.json`` under ``root`` (a checkout or a build)."""
+def validate_tree(root: str | Path, for_push: bool = False, client: bool = False) -> list[MetadataProblem]:
+    """Every ``kernel-metadata.json`` and ``dataset-metadata.json`` under ``root`` (a checkout or a build);
+    ``client``: also the real ``kaggle`` client's own checks (``client_problems``) of each folder ours passed."""
     root = Path(root)
     problems: list[MetadataProblem] = []
-    for path in sorted(root.rglob("kernel-metadata.json")):
-        problems += validate_kernel_metadata(path.parent, for_push=for_push)
-    for path in sorted(root.rglob("dataset-metadata.json")):
-        problems += validate_dataset_metadata(path.parent, for_push=for_push)
+    for kind, name, check in (("kernel", "kernel-metadata.json", validate_kernel_metadata),
+                              ("dataset", "dataset-metadata.json", validate_dataset_metadata)):
+        for path in sorted(root.rglob(name)):
+            ours = check(path.parent, for_push=for_push)
+            problems += ours or (client_problems(path.parent, kind) if client else [])
     return problems
+
+
+class _Offline(Exception):
+    """Raised where the real client would go online: everything it checks comes before."""
+
+
+def client_problems(folder: str | Path, kind: str) -> list[MetadataProblem]:
+    """What the installed ``kaggle`` client itself refuses in ``folder``, found by running its own
+    ``kernels_push`` / ``dataset_create_new`` up to the point where it would go online (stopped there: nothing
+    is sent, no credentials are needed). ``[]`` when the client is not installed (``pip install
+    'lmsys_lib[kaggle]'``): our checks above still ran."""
+    try:  # the package's __init__ tries to authenticate and prints how to when it cannot: not our output
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            from kaggle.api.kaggle_api_extended import KaggleApi
+    except ImportError:
+        return []
+    folder = Path(folder)
+    api = KaggleApi()
+
+    def offline(*args: Any, **kwargs: Any) -> Any:
+        raise _Offline
+
+    api.build_kaggle_client = offline  # kernels_push: every check, then the request
+    api.dataset_status = offline       # dataset_create_new: every check, then "does it exist?"
+    file = folder / f"{kind}-metadata.json"
+    try:
+        if kind == "kernel":
+            api.kernels_push(str(folder))
+        else:
+            owner = str(json.loads(file.read_text(encoding="utf-8")).get("id", "")).split("/")[0]
+            api.config_values = {**getattr(api, "config_values", {}), api.CONFIG_NAME_USER: owner}
+            api.dataset_create_new(str(folder), dir_mode="zip")
+    except _Offline:
+        return []
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        return [MetadataProblem(str(file), "(kaggle client)", str(err))]
+    return [MetadataProblem(str(file), "(kaggle client)", "the client went on without reaching the network: "
+                                                        "this check no longer matches its version")]
 
 
 # ---------------------------------------------------------------- credentials: looked for the CLI's way, never read out or written
@@ -514,24 +649,49 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
     and ``warnings`` (sdists Kaggle would have to compile offline, with the command that builds their wheels).
     """
     out, project_dir = Path(out), Path(project_dir)
-    summary: dict[str, Any] = {"out": str(out), "user": user, "kernels": [], "datasets": {}}
+    summary: dict[str, Any] = {"out": str(out), "user": user, "kernels": [], "datasets": {}, "overlays": {},
+                               "warnings": []}
     for spec in SUITE_KERNELS:
         folder = out / "kernels" / spec.slug
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(project_dir / "notebooks" / spec.notebook, folder / spec.notebook)
-        write_json(folder / "kernel-metadata.json", kernel_metadata(spec, user, spec.notebook))
+        committed = project_dir / "kernel-metadata" / spec.slug / "kernel-metadata.json"
+        _write_overlaid(folder / "kernel-metadata.json", kernel_metadata(spec, user, spec.notebook), committed,
+                        kernel_template(spec), user, summary)
         summary["kernels"].append(spec.slug)
-    summary["warnings"], wheel_problems = [], []
+    wheel_problems: list[str] = []
     if wheels:
         report = _build_wheels(out / "datasets" / WHEELS.slug, user, project_dir, target, extras, extra_wheels, log)
         summary["datasets"][WHEELS.slug] = f"{len(report.files)} files, {report.total_bytes / 2**20:.1f} MiB"
         summary["warnings"] += report.sdists  # Kaggle would compile these offline: ship wheels (--add-wheel)
         wheel_problems = report.conflicts + report.problems
+        _overlay_dataset(out / "datasets" / WHEELS.slug, WHEELS, project_dir, user, summary)
     if run_dir is not None:
-        summary["datasets"][STUDENT.slug] = _build_student(out / "datasets" / STUDENT.slug, user, Path(run_dir))
-    problems = validate_tree(out, for_push=user != PLACEHOLDER_USER)
+        folder = out / "datasets" / STUDENT.slug
+        summary["datasets"][STUDENT.slug], terms = _build_student(folder, Path(run_dir))
+        _overlay_dataset(folder, STUDENT, project_dir, user, summary, terms)
+    problems = validate_tree(out, for_push=user != PLACEHOLDER_USER, client=True)
     summary["problems"] = [str(p) for p in problems] + wheel_problems
     return summary
+
+
+def _write_overlaid(path: Path, generated: dict[str, Any], committed: Path, template: dict[str, Any], user: str,
+                    summary: dict[str, Any]) -> None:
+    """Write ``generated`` with the user's edits of the ``committed`` file on top; the summary names them."""
+    edits = user_edits(read_committed(committed), template)
+    write_json(path, apply_edits(generated, edits, user))
+    if edits:
+        summary["overlays"][str(committed)] = sorted(edits)
+
+
+def _overlay_dataset(folder: Path, spec: DatasetSpec, project_dir: Path, user: str, summary: dict[str, Any],
+                     terms: tuple[str, bool] | None = None) -> None:
+    committed = project_dir / "datasets-metadata" / spec.slug / "dataset-metadata.json"
+    _write_overlaid(folder / "dataset-metadata.json", dataset_metadata(spec, user, terms and terms[0]), committed,
+                    dataset_template(spec), user, summary)
+    if terms and not terms[1] and "licenses" not in summary["overlays"].get(str(committed), []):
+        summary["warnings"].append(f"{spec.slug}: the base model's licence is not known from its model type: name "
+                                   f"it in {committed} (licenses + description), the build keeps your edit")
 
 
 def _build_wheels(folder: Path, user: str, project_dir: Path, target: Any, extras: tuple[str, ...],
@@ -544,12 +704,12 @@ def _build_wheels(folder: Path, user: str, project_dir: Path, target: Any, extra
     report = wheelhouse.build_wheelhouse(folder, requirements, target or wheelhouse.Target.kaggle(),
                                          extra_wheels=tuple(Path(p) for p in extra_wheels), log=log)
     wheelhouse.write_manifest(report, folder / "wheelhouse.json")
-    write_json(folder / "dataset-metadata.json", dataset_metadata(WHEELS, user))
     log(report.summary())
     return report
 
 
-def _build_student(folder: Path, user: str, run_dir: Path) -> str:
+def _build_student(folder: Path, run_dir: Path) -> tuple[str, tuple[str, bool]]:
+    """Copy ``<run>/quantized`` into ``folder``; returns a line for the summary and the licence terms."""
     source = run_dir / "quantized"
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} holds no quantised model (run 04_quantization / `lmsys quantize`)")
@@ -559,9 +719,9 @@ def _build_student(folder: Path, user: str, run_dir: Path) -> str:
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(source, folder)
-    write_json(folder / "dataset-metadata.json", dataset_metadata(STUDENT, user))
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return f"{source} ({size / 2**20:.0f} MiB)"
+    model_type = json.loads((source / "config.json").read_text(encoding="utf-8")).get("model_type")
+    return f"{source} ({size / 2**20:.0f} MiB)", model_licence(model_type)
 
 
 # ---------------------------------------------------------------- push: the exact commands, in dependency order

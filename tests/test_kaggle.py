@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_committed_metadata_is_what_the_generator_writes_and_validates(tmp_path):
-    written = kaggle.write_repo_metadata(tmp_path)
+    for folder in ("kernel-metadata", "datasets-metadata"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    written = kaggle.write_repo_metadata(tmp_path)  # the committed files, with any edits kept, regenerated
     for path in written:
         committed = ROOT / path.relative_to(tmp_path)
         assert json.loads(committed.read_text()) == json.loads(path.read_text()), f"{committed} is stale: lmsys kaggle metadata"
-    assert kaggle.validate_tree(ROOT / "kernel-metadata") == []
-    assert kaggle.validate_tree(ROOT / "datasets-metadata") == []
+    assert kaggle.validate_tree(ROOT / "kernel-metadata", client=True) == []
+    assert kaggle.validate_tree(ROOT / "datasets-metadata", client=True) == []
     submission = json.loads((ROOT / "kernel-metadata" / "arena-distill-05-inference-2xt4" / "kernel-metadata.json").read_text())
     assert submission["machine_shape"] == "NvidiaTeslaT4" and submission["enable_internet"] is False
     assert submission["competition_sources"] == ["lmsys-chatbot-arena"]
@@ -262,3 +265,76 @@ def test_the_submission_kernel_knows_which_run_it_is():
     local = kaggle.submission_run(120, fraction=0.5, env="local", environ={})
     assert local.mode == "local" and local.fraction == 0.5
     assert kaggle.submission_run(120, env="local", environ={kaggle.RERUN_VARIABLE: "1"}).mode == "rerun"
+
+
+def _project(tmp_path: Path) -> Path:
+    """A copy of the checkout's notebooks and committed metadata: the files a user edits."""
+    project = tmp_path / "project"
+    for folder in ("notebooks", "kernel-metadata", "datasets-metadata"):
+        shutil.copytree(ROOT / folder, project / folder)
+    return project
+
+
+GEMMA_MODEL = "google/gemma-2/transformers/gemma-2-9b-it/2"  # a Kaggle Model: owner/model/framework/variation/version
+
+
+def test_an_edit_to_committed_metadata_survives_build_and_metadata_and_validates(tmp_path):
+    project = _project(tmp_path)
+    path = project / "kernel-metadata" / "arena-distill-05-inference-2xt4" / "kernel-metadata.json"
+    meta = json.loads(path.read_text())
+    meta["model_sources"].append(GEMMA_MODEL)
+    meta["dataset_sources"].append("kaggle-user/extra-priors")
+    meta["is_private"] = False
+    meta["keywords"] = ["gpu"]
+    path.write_text(json.dumps(meta, indent=2))
+    summary = kaggle.build(tmp_path / "build", "alice", project, wheels=False)
+    assert summary["problems"] == [] and sorted(summary["overlays"][str(path)]) == \
+        ["dataset_sources", "is_private", "keywords", "model_sources"]
+    built = json.loads((tmp_path / "build" / "kernels" / "arena-distill-05-inference-2xt4" /
+                        "kernel-metadata.json").read_text())
+    assert built["model_sources"] == [GEMMA_MODEL] and built["is_private"] is False and built["keywords"] == ["gpu"]
+    assert built["dataset_sources"] == ["alice/arena-distill-wheels", "alice/arena-distill-student-gptq",
+                                        "kaggle-user/extra-priors"]  # generated first, the user's added
+    assert built["id"] == "alice/arena-distill-05-inference-2xt4" and built["code_file"] == "05_inference_2xT4.ipynb"
+    assert kaggle.validate_tree(tmp_path / "build", for_push=True, client=True) == []
+    kaggle.write_repo_metadata(project)  # `lmsys kaggle metadata` keeps the edit …
+    assert json.loads(path.read_text())["model_sources"] == [GEMMA_MODEL]
+    kaggle.write_repo_metadata(project, reset=True)  # … and --reset drops it
+    assert json.loads(path.read_text())["model_sources"] == []
+
+
+def test_a_broken_edit_is_refused_by_our_checks_and_by_the_real_client(tmp_path):
+    project = _project(tmp_path)
+    path = project / "kernel-metadata" / "arena-distill-00-eda" / "kernel-metadata.json"
+    meta = json.loads(path.read_text()) | {"enable_internet": True}
+    path.write_text(json.dumps(meta))
+    summary = kaggle.build(tmp_path / "build", "alice", project, wheels=False)
+    assert any("enable_internet: must be false" in p for p in summary["problems"])
+    meta = json.loads(path.read_text()) | {"enable_internet": False, "docker_image_pinning_type": "sometimes"}
+    path.write_text(json.dumps(meta))  # a value only the client itself checks
+    summary = kaggle.build(tmp_path / "build", "alice", project, wheels=False)
+    pytest.importorskip("kaggle")
+    [problem] = summary["problems"]
+    assert "(kaggle client)" in problem and "docker_image_pinning_type" in problem and "00-eda" in problem
+
+
+def test_the_student_dataset_names_the_base_models_terms(tmp_path):
+    project = _project(tmp_path)
+    run = _fake_run(tmp_path)
+    (run / "quantized" / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    summary = kaggle.build(tmp_path / "build", "alice", project, run_dir=run, wheels=False)
+    meta = json.loads((tmp_path / "build" / "datasets" / "arena-distill-student-gptq" /
+                       "dataset-metadata.json").read_text())
+    assert meta["licenses"] == [{"name": "other"}] and "Gemma Terms of Use" in meta["description"]
+    assert summary["problems"] == [] and not summary["warnings"]
+    (run / "quantized" / "config.json").write_text(json.dumps({"model_type": "llama"}))  # Llama or SmolLM2?
+    summary = kaggle.build(tmp_path / "build", "alice", project, run_dir=run, wheels=False)
+    assert any("licence is not known" in w for w in summary["warnings"])
+    committed = project / "datasets-metadata" / "arena-distill-student-gptq" / "dataset-metadata.json"
+    edit = json.loads(committed.read_text()) | {"licenses": [{"name": "apache-2.0"}],
+                                               "description": "SmolLM2-135M fine-tuned (Apache-2.0)"}
+    committed.write_text(json.dumps(edit))
+    summary = kaggle.build(tmp_path / "build", "alice", project, run_dir=run, wheels=False)
+    meta = json.loads((tmp_path / "build" / "datasets" / "arena-distill-student-gptq" /
+                       "dataset-metadata.json").read_text())
+    assert meta["licenses"] == [{"name": "apache-2.0"}] and not summary["warnings"]  # the user's licence wins
