@@ -454,7 +454,8 @@ def _kaggle_build(args: argparse.Namespace, kaggle: Any, project: Path, user: st
               f"{kaggle.PLACEHOLDER_USER!r}, which push refuses", file=sys.stderr)
     target = wheelhouse.Target.kaggle(args.python) if args.python else None
     summary = kaggle.build(args.out, user or kaggle.PLACEHOLDER_USER, project, run_dir=args.run_dir,
-                           wheels=not args.no_wheels, target=target, extra_wheels=tuple(args.add_wheel or ()))
+                           wheels=not args.no_wheels, target=target, extra_wheels=tuple(args.add_wheel or ()),
+                           params=kaggle.parse_params(args.param or ()))
     print(json.dumps(summary, indent=2))
     return 1 if summary["problems"] else 0
 
@@ -512,7 +513,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "kaggle": ("lmsys kaggle build --run-dir runs/winner --user alice", "lmsys kaggle push --dry-run"),
     "kaggle metadata": ("lmsys kaggle metadata --user alice", "lmsys kaggle metadata --reset"),
     "kaggle validate": ("lmsys kaggle validate", "lmsys kaggle validate build/kaggle --for-push"),
-    "kaggle build": ("lmsys kaggle build --run-dir runs/winner --user alice",
+    "kaggle build": ("lmsys kaggle build --run-dir runs/winner --user alice --param "
+                     "01:model_dir=/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2 02:model_dir=zoo:smollm2-135m",
                      "lmsys kaggle build --no-wheels --out build/kaggle"),
     "kaggle push": ("lmsys kaggle push --dry-run", "lmsys kaggle push --only 05 --message 'new student'"),
     "evaluate": ("lmsys evaluate --run-dir runs/r --pred runs/r/teachers/teacher/oof.parquet",
@@ -733,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--python", help="Kaggle's Python version for the wheelhouse (default 3.11)")
     k.add_argument("--add-wheel", nargs="+", metavar="WHL",
                    help="prebuilt wheels to ship (e.g. gptqmodel built in a Kaggle session)")
+    k.add_argument("--param", nargs="+", metavar="NB:NAME=VALUE",
+                   help="a notebook parameter of one kernel, injected as papermill does, e.g. "
+                   "01:model_dir=/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2 (values read as JSON when they parse)")
     k = ksub.add_parser("push", help="print (--dry-run) or run the kaggle commands, datasets first, in "
                         "dependency order")
     k.add_argument("--build", default="build/kaggle", help="the build folder (default: build/kaggle)")

@@ -888,6 +888,9 @@ def load_models(model_dir: str | Path, devices: Sequence[Any], log: Callable[[st
     from .modeling import attention_for, cpu_dtype, dtype_for, load_tokenizer
 
     model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json — not a model folder (on Kaggle attach the student "
+                                "dataset, arena-distill-student-gptq, and pass its /kaggle/input/… folder)")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     sidecar = model_dir / "quantize.json"  # a GPTQ checkpoint remembers the dtype of the model it came from
     trained = (json.loads(sidecar.read_text(encoding="utf-8")).get("source_dtype") if sidecar.exists() else None) \

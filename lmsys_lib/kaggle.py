@@ -37,7 +37,7 @@ import sys
 import time
 import unicodedata
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,94 @@ def dataset_dir(slug: str, explicit: str | Path | None = None, env: str | None =
     return path
 
 
+def resolve_run_dir(run_dir: str | Path, env: str | None = None) -> Path:
+    """A notebook's run folder on this platform: an absolute path as given; a relative one under
+    ``runs_root()`` — ``"runs/teacher"`` and ``"teacher"`` alike become ``<runs root>/teacher`` (``runs/teacher``
+    locally, ``/kaggle/working/runs/teacher`` on Kaggle, Drive on Colab when mounted). Created."""
+    path = Path(run_dir)
+    if not path.is_absolute():
+        parts = path.parts[1:] if path.parts[:1] == ("runs",) else path.parts
+        path = runs_root(env).joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+LINK_ABOVE = 256 * 2**20  # bytes: an upstream file this big is linked, not copied (read-only inputs, 20 GB output cap)
+
+
+def kernel_output_dir(slug: str, input_root: str | Path = KAGGLE_INPUT) -> Path | None:
+    """Where an attached kernel's output is mounted: ``/kaggle/input/<slug>`` (or one or two folders deeper,
+    as newer Kaggle layouts nest sources by kind and owner); None when it is not attached."""
+    root = Path(input_root)
+    for candidate in (root / slug, *sorted(root.glob(f"*/{slug}")), *sorted(root.glob(f"*/*/{slug}"))):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def find_run(output: Path, name: str) -> Path:
+    """The run folder (the one holding ``data/folds.parquet``) inside a kernel's output: the one called
+    ``name``, or the only one. Raises ``FileNotFoundError`` listing what is there."""
+    runs = sorted({p.parent.parent for p in output.rglob("data/folds.parquet")})
+    named = [r for r in runs if r.name == name]
+    if len(named) == 1 or len(runs) == 1:
+        return (named or runs)[0]
+    found = ", ".join(str(r.relative_to(output)) for r in runs) or "none"
+    raise FileNotFoundError(f"{output}: no single run folder {name!r} in this kernel's output (run folders: {found}); "
+                            "set run_dir to the one to continue")
+
+
+def chain_run(run_dir: str | Path, upstream: str | None = None, env: str | None = None,
+              input_root: str | Path = KAGGLE_INPUT, log: Callable[[str], None] = print) -> Path:
+    """The run folder a chained notebook works in, with its inputs in place, and a line saying where they came
+    from. On Kaggle, when the kernel ``upstream`` (the previous notebook's kernel, a ``kernel_sources`` entry) is
+    attached, its run folder is brought from ``/kaggle/input/<upstream>/…`` into the writable run folder:
+    files copied (over ``LINK_ABOVE`` linked), never over a file already there — a restarted session keeps its
+    own work. Elsewhere, or without it attached, the run folder (``resolve_run_dir``) as it is."""
+    path = resolve_run_dir(run_dir, env)
+    output = kernel_output_dir(upstream, input_root) if upstream and (env or detect_env()) == "kaggle" else None
+    if output is None:
+        where = f" (kernel {upstream}'s output is not attached)" if upstream and (env or detect_env()) == "kaggle" else ""
+        log(f"inputs: the run folder {path}{where}")
+        return path
+    source = find_run(output, path.name)
+    copied, linked = _bring(source, path)
+    log(f"inputs: kernel {upstream}'s output {source} → {path} ({copied} files copied, {linked} linked, "
+        "files already there kept)")
+    return path
+
+
+def _bring(source: Path, dest: Path) -> tuple[int, int]:
+    copied = linked = 0
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        target = dest / file.relative_to(source)
+        if target.exists() or target.is_symlink():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if file.stat().st_size > LINK_ABOVE:
+            target.symlink_to(file)
+            linked += 1
+        else:
+            shutil.copy2(file, target)
+            copied += 1
+    return copied, linked
+
+
+class ParameterError(ValueError):
+    """A notebook parameter that must be set is empty: raised in the notebook's first cells, before the GPU."""
+
+
+def require_parameters(notebook: str, config: Any = None, **values: tuple[Any, str]) -> None:
+    """Stop a notebook at once when a required parameter is empty (``name=(value, what to set it to)``);
+    ``config``: a stage config file was given, which carries them instead."""
+    if config:
+        return
+    empty = [f"{name} is empty: set it to {hint}" for name, (value, hint) in values.items() if value in ("", None)]
+    if empty:
+        raise ParameterError(f"{notebook}: " + "; ".join(empty) + " (papermill -p NAME VALUE, the parameters cell, "
+                             "or `lmsys kaggle build --param NB:NAME=VALUE`)")
+
+
 def run_dir(name: str, root: str | Path | None = None) -> Path:
     """``<runs root>/<name>``, created."""
     if not name or "/" in name or name in (".", ".."):
@@ -200,6 +288,7 @@ class KernelSpec:
     datasets: tuple[str, ...] = ()   # dataset slugs of the suite it attaches
     kernels: tuple[str, ...] = ()    # kernel slugs whose output it reads (pushed before it)
     submission: bool = False         # writes submission.csv: the competition must be a source
+    required: tuple[str, ...] = ()   # notebook parameters that must not be empty (else it fails at once)
 
     @property
     def slug(self) -> str:
@@ -212,9 +301,9 @@ SUITE_DATASETS = (WHEELS, STUDENT)
 SUITE_KERNELS = (
     KernelSpec("00_eda.ipynb", "arena-distill 00 EDA", gpu=False, datasets=(WHEELS.slug,)),
     KernelSpec("01_teacher_training.ipynb", "arena-distill 01 teacher training", gpu=True,
-               datasets=(WHEELS.slug,)),
+               datasets=(WHEELS.slug,), required=("model_dir",)),
     KernelSpec("02_distillation.ipynb", "arena-distill 02 distillation", gpu=True, datasets=(WHEELS.slug,),
-               kernels=("arena-distill-01-teacher-training",)),
+               kernels=("arena-distill-01-teacher-training",), required=("model_dir",)),
     KernelSpec("03_lora_merge.ipynb", "arena-distill 03 LoRA merge", gpu=False, datasets=(WHEELS.slug,),
                kernels=("arena-distill-02-distillation",)),
     KernelSpec("04_quantization.ipynb", "arena-distill 04 quantization", gpu=True, datasets=(WHEELS.slug,),
@@ -222,6 +311,63 @@ SUITE_KERNELS = (
     KernelSpec("05_inference_2xT4.ipynb", "arena-distill 05 inference 2xT4", gpu=True,
                datasets=(WHEELS.slug, STUDENT.slug), submission=True),
 )
+
+
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """A notebook's parameters as it will run: its ``parameters`` cell, then any ``injected-parameters`` cell
+    (papermill's, or ``inject_parameters``'s) on top. Values are Python literals; anything else is kept as
+    its source text."""
+    import ast
+
+    values: dict[str, Any] = {}
+    cells = json.loads(Path(path).read_text(encoding="utf-8")).get("cells", [])
+    for tag in ("parameters", "injected-parameters"):
+        for cell in (c for c in cells if tag in c.get("metadata", {}).get("tags", [])):
+            source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            for node in ast.parse(source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        values[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        values[node.targets[0].id] = ast.get_source_segment(source, node.value)
+    return values
+
+
+def inject_parameters(path: str | Path, params: Mapping[str, Any]) -> None:
+    """Set notebook parameters the way papermill does: a code cell tagged ``injected-parameters`` right after
+    the ``parameters`` cell (replacing an earlier one). Unknown names are an error naming the notebook."""
+    path = Path(path)
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    known = notebook_parameters(path)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ValueError(f"{path.name}: no parameter {unknown}; it has {sorted(known)}")
+    cells = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    at = next(i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    source = "# Parameters set by `lmsys kaggle build --param`\n" + "".join(
+        f"{name} = {value!r}\n" for name, value in params.items())
+    cells.insert(at + 1, {"cell_type": "code", "execution_count": None, "id": "injected-parameters",
+                          "metadata": {"tags": ["injected-parameters"]}, "outputs": [],
+                          "source": source.splitlines(keepends=True)})
+    nb["cells"] = cells
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def parse_params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--param 01:model_dir=/kaggle/input/x`` → ``{"01": {"model_dir": "/kaggle/input/x"}}`` (values read as
+    JSON when they parse — numbers, booleans, lists — else as text)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        nb, colon, rest = item.partition(":")
+        name, eq, raw = rest.partition("=")
+        if not colon or not eq or not nb or not name:
+            raise ValueError(f"--param {item!r}: expected NB:NAME=VALUE, e.g. 01:model_dir=/kaggle/input/gemma-2")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(nb, {})[name] = value
+    return out
 
 
 def kernel_metadata(spec: KernelSpec, user: str, code_file: str) -> dict[str, Any]:
@@ -635,7 +781,8 @@ def kaggle_user(explicit: str | None = None, env: Mapping[str, str] | None = Non
 
 def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Path | None = None,
           wheels: bool = True, target: Any = None, extras: tuple[str, ...] = ("train", "quantize"),
-          extra_wheels: tuple[str | Path, ...] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+          extra_wheels: tuple[str | Path, ...] = (), params: Mapping[str, Mapping[str, Any]] | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write everything the suite pushes under ``out``:
 
     - ``kernels/<slug>/``: the notebook and its kernel-metadata.json (code_file beside it);
@@ -644,10 +791,17 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
     - ``datasets/arena-distill-student-gptq/``: a copy of ``<run_dir>/quantized`` when a run is given (a
       folder whose fidelity check failed is refused).
 
+    ``params``: notebook parameters per kernel (``{"01": {"model_dir": "/kaggle/input/…"}}``, by notebook number
+    or slug), injected the way papermill does; the committed metadata files' edits are laid on top of the
+    generated metadata (``user_edits``).
+
     Everything is validated (``for_push`` unless ``user`` is the placeholder); returns a summary with
     ``problems`` (strings: metadata problems, wheelhouse conflicts) — empty when the build can be pushed —
     and ``warnings`` (sdists Kaggle would have to compile offline, with the command that builds their wheels).
     """
+    unknown = sorted(set(params or {}) - {k.notebook[:2] for k in SUITE_KERNELS} - {k.slug for k in SUITE_KERNELS})
+    if unknown:
+        raise ValueError(f"--param for unknown kernels {unknown}; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
     out, project_dir = Path(out), Path(project_dir)
     summary: dict[str, Any] = {"out": str(out), "user": user, "kernels": [], "datasets": {}, "overlays": {},
                                "warnings": []}
@@ -655,6 +809,9 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
         folder = out / "kernels" / spec.slug
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(project_dir / "notebooks" / spec.notebook, folder / spec.notebook)
+        given = {**(params or {}).get(spec.notebook[:2], {}), **(params or {}).get(spec.slug, {})}
+        if given:
+            inject_parameters(folder / spec.notebook, given)
         committed = project_dir / "kernel-metadata" / spec.slug / "kernel-metadata.json"
         _write_overlaid(folder / "kernel-metadata.json", kernel_metadata(spec, user, spec.notebook), committed,
                         kernel_template(spec), user, summary)
@@ -672,7 +829,17 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
         _overlay_dataset(folder, STUDENT, project_dir, user, summary, terms)
     problems = validate_tree(out, for_push=user != PLACEHOLDER_USER, client=True)
     summary["problems"] = [str(p) for p in problems] + wheel_problems
+    summary["warnings"] += _empty_required(out)
     return summary
+
+
+def _empty_required(out: Path) -> list[str]:
+    """A warning per built kernel whose required parameter is still empty (push refuses to push it)."""
+    try:
+        _check_required(out, list(SUITE_KERNELS))
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def _write_overlaid(path: Path, generated: dict[str, Any], committed: Path, template: dict[str, Any], user: str,
@@ -728,11 +895,14 @@ def _build_student(folder: Path, run_dir: Path) -> tuple[str, tuple[str, bool]]:
 
 @dataclass(frozen=True)
 class PushStep:
-    """One ``kaggle`` command; ``wait`` steps poll ``datasets status`` until the upload is processed."""
+    """One ``kaggle`` command; a ``wait`` step polls it: ``"dataset"`` (``datasets status`` until Kaggle has
+    processed the upload) or ``"kernel"`` (``kernels status`` until the kernel's run is over — a later kernel
+    reads its output; on failure its output and log are fetched into ``logs`` and the log printed)."""
 
     argv: tuple[str, ...]
     what: str
-    wait: bool = False
+    wait: str = ""
+    logs: str = ""
 
     def __str__(self) -> str:
         return shlex.join(self.argv)
@@ -757,12 +927,15 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
               only: tuple[str, ...] = ()) -> list[PushStep]:
     """Datasets first (``create`` when ``new``, else ``version``; always ``--dir-mode zip``: the default
     ``skip`` silently drops subfolders), each followed by a wait until Kaggle has processed it, then the kernels
-    in dependency order. ``only``: notebook numbers ("05") or kernel slugs to push; the datasets they attach
-    come with them."""
+    in dependency order; a kernel whose output a later pushed kernel reads is waited for (its run must be
+    over before the next one can attach its output). ``only``: notebook numbers ("05") or kernel slugs to push;
+    the datasets they attach come with them. A built kernel whose required parameter is empty is refused
+    (``ValueError``): it would fail at once on Kaggle's GPU."""
     build_dir = Path(build_dir)
     kernels = [k for k in kernel_order() if not only or k.slug in only or k.notebook[:2] in only]
     if only and not kernels:
         raise ValueError(f"--only {only} matches no kernel; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
+    _check_required(build_dir, kernels)
     needed = {slug for k in kernels for slug in k.datasets} if only else {d.slug for d in SUITE_DATASETS}
     steps: list[PushStep] = []
     for spec in (d for d in SUITE_DATASETS if d.slug in needed):
@@ -771,40 +944,110 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
                 ("kaggle", "datasets", "version", "-p", folder, "-m", message, "--dir-mode", "zip"))
         steps.append(PushStep(argv, f"dataset {spec.slug}: {spec.content}"))
         steps.append(PushStep(("kaggle", "datasets", "status", f"{user}/{spec.slug}"),
-                              f"wait until {spec.slug} is ready", wait=True))
-    steps += [PushStep(("kaggle", "kernels", "push", "-p", str(build_dir / "kernels" / k.slug)),
-                       f"kernel {k.slug} ({k.notebook}{', 2×T4' if k.gpu else ''})") for k in kernels]
+                              f"wait until {spec.slug} is ready", wait="dataset"))
+    for k in kernels:
+        steps.append(PushStep(("kaggle", "kernels", "push", "-p", str(build_dir / "kernels" / k.slug)),
+                              f"kernel {k.slug} ({k.notebook}{', 2×T4' if k.gpu else ''})"))
+        readers = [r.slug for r in kernels if k.slug in r.kernels]
+        if readers:
+            steps.append(PushStep(("kaggle", "kernels", "status", f"{user}/{k.slug}"),
+                                  f"wait until kernel {k.slug} has run: {', '.join(readers)} reads its output",
+                                  wait="kernel", logs=str(build_dir / "logs" / k.slug)))
     return steps
 
 
+def _check_required(build_dir: Path, kernels: list[KernelSpec]) -> None:
+    empty = []
+    for spec in kernels:
+        notebook = build_dir / "kernels" / spec.slug / spec.notebook
+        if spec.required and notebook.is_file():
+            values = notebook_parameters(notebook)
+            if not values.get("config"):
+                empty += [f"{spec.slug}: {name}" for name in spec.required if values.get(name) in ("", None)]
+    if empty:
+        raise ValueError(f"required notebook parameters are empty ({'; '.join(empty)}): the kernel would fail at "
+                         "once on Kaggle's GPU; build with --param NB:NAME=VALUE, e.g. "
+                         "--param 01:model_dir=/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2")
+
+
+Runner = Callable[[tuple[str, ...]], "subprocess.CompletedProcess[str]"]
+
+
+def _run_cli(argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
 def push(steps: list[PushStep], dry_run: bool = True, poll_s: float = 15.0, timeout_s: float = 3600.0,
-         log: Callable[[str], None] = print) -> int:
+         kernel_timeout_s: float = 13 * 3600.0, log: Callable[[str], None] = print, runner: Runner = _run_cli,
+         sleep: Callable[[float], None] = time.sleep) -> int:
     """Print every command; unless ``dry_run``, run them in order with the ``kaggle`` CLI (which reads the
-    credentials itself — nothing here reads or writes them). Stops at the first failure; returns its exit code."""
+    credentials itself — nothing here reads or writes them). ``runner`` runs one argv (the real CLI by
+    default). Stops at the first failure; returns its exit code."""
     for step in steps:
         log(f"# {step.what}\n{step}")
     if dry_run:
         return 0
     for step in steps:
-        code = _wait_ready(step, poll_s, timeout_s, log) if step.wait else subprocess.run(step.argv).returncode
+        if step.wait:
+            code = _wait(step, poll_s, kernel_timeout_s if step.wait == "kernel" else timeout_s, log, runner, sleep)
+        else:
+            proc = runner(step.argv)
+            log((proc.stdout or "").strip())
+            code = proc.returncode
+            if code:
+                log((proc.stderr or "").strip())
         if code:
             log(f"failed ({code}): {step}")
             return code
     return 0
 
 
-def _wait_ready(step: PushStep, poll_s: float, timeout_s: float, log: Callable[[str], None]) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        proc = subprocess.run(step.argv, capture_output=True, text=True)
-        status = (proc.stdout or "").strip().lower()
+_STATUS = re.compile(r'has status "([^"]+)"')
+KERNEL_DONE, KERNEL_FAILED = {"complete"}, {"error", "cancel_requested", "cancel_acknowledged"}
+KERNEL_GRACE_S = 120.0  # a final status is trusted before the new run was seen queued/running only after this
+
+
+def _wait(step: PushStep, poll_s: float, timeout_s: float, log: Callable[[str], None], runner: Runner,
+          sleep: Callable[[float], None]) -> int:
+    """Poll ``step`` until ready (0), failed (1, a kernel's log fetched and printed) or ``timeout_s`` (1)."""
+    waited, active = 0.0, False  # right after a push, `status` may still report the previous version's run
+    while waited <= timeout_s:
+        proc = runner(step.argv)
         if proc.returncode:
+            log((proc.stderr or proc.stdout or "").strip())
             return proc.returncode
-        if "ready" in status:
+        text = (proc.stdout or "").strip()
+        if step.wait == "dataset":
+            state = "done" if "ready" in text.lower() else "failed" if "error" in text.lower() else "waiting"
+        else:
+            found = _STATUS.search(text)
+            status = found.group(1).rsplit(".", 1)[-1].lower() if found else ""
+            state = "done" if status in KERNEL_DONE else "failed" if status in KERNEL_FAILED else "waiting"
+            active = active or status in ("queued", "running")
+            if state != "waiting" and not active and waited < KERNEL_GRACE_S:
+                state = "waiting"  # not seen queued or running yet: maybe the old version's status
+        if state == "done":
+            log(f"{step.argv[-1]}: {text}")
             return 0
-        if "error" in status:
-            log(f"{step.argv[-1]}: {status}")
+        if state == "failed":
+            log(f"{step.argv[-1]}: {text}")
+            if step.wait == "kernel":
+                _print_kernel_log(step, log, runner)
             return 1
-        time.sleep(poll_s)
-    log(f"{step.argv[-1]} not ready after {timeout_s:.0f} s")
+        sleep(poll_s)
+        waited += poll_s
+    log(f"{step.argv[-1]} not done after {timeout_s:.0f} s ({shlex.join(step.argv)} to look again)")
     return 1
+
+
+def _print_kernel_log(step: PushStep, log: Callable[[str], None], runner: Runner) -> None:
+    """``kaggle kernels output`` into ``step.logs`` (its files and its log), then the log's last lines."""
+    kernel = step.argv[-1]
+    Path(step.logs).mkdir(parents=True, exist_ok=True)
+    proc = runner(("kaggle", "kernels", "output", kernel, "-p", step.logs, "-o"))
+    logs = sorted(Path(step.logs).glob("*.log"))
+    text = logs[0].read_text(encoding="utf-8", errors="replace") if logs else ""
+    if not text:
+        text = (runner(("kaggle", "kernels", "logs", kernel)).stdout or "") if not proc.returncode else ""
+    tail = "\n".join(text.strip().splitlines()[-40:]) or "(no log came back)"
+    log(f"--- {kernel}: the end of its log (its output: {step.logs}) ---\n{tail}")

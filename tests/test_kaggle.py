@@ -326,7 +326,7 @@ def test_the_student_dataset_names_the_base_models_terms(tmp_path):
     meta = json.loads((tmp_path / "build" / "datasets" / "arena-distill-student-gptq" /
                        "dataset-metadata.json").read_text())
     assert meta["licenses"] == [{"name": "other"}] and "Gemma Terms of Use" in meta["description"]
-    assert summary["problems"] == [] and not summary["warnings"]
+    assert summary["problems"] == [] and not any("licence" in w for w in summary["warnings"])
     (run / "quantized" / "config.json").write_text(json.dumps({"model_type": "llama"}))  # Llama or SmolLM2?
     summary = kaggle.build(tmp_path / "build", "alice", project, run_dir=run, wheels=False)
     assert any("licence is not known" in w for w in summary["warnings"])
@@ -337,4 +337,153 @@ def test_the_student_dataset_names_the_base_models_terms(tmp_path):
     summary = kaggle.build(tmp_path / "build", "alice", project, run_dir=run, wheels=False)
     meta = json.loads((tmp_path / "build" / "datasets" / "arena-distill-student-gptq" /
                        "dataset-metadata.json").read_text())
-    assert meta["licenses"] == [{"name": "apache-2.0"}] and not summary["warnings"]  # the user's licence wins
+    assert meta["licenses"] == [{"name": "apache-2.0"}]  # the user's licence wins, and ends the warning
+    assert not any("licence" in w for w in summary["warnings"])
+
+
+# ---------------------------------------------------------------- the chain on Kaggle: inputs, parameters, waits
+
+def test_run_folders_go_under_the_platforms_runs_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert kaggle.resolve_run_dir("runs/teacher", env="local") == Path("runs/teacher")
+    assert kaggle.resolve_run_dir("teacher", env="local") == Path("runs/teacher")
+    assert kaggle.resolve_run_dir(tmp_path / "abs", env="kaggle") == tmp_path / "abs"
+    (tmp_path / "MyDrive").mkdir()
+    monkeypatch.setattr(kaggle, "COLAB_DRIVE", tmp_path / "MyDrive")
+    assert kaggle.resolve_run_dir("runs/teacher", env="colab") == tmp_path / "MyDrive" / "arena-distill" / "runs" / "teacher"
+    assert (tmp_path / "MyDrive" / "arena-distill" / "runs" / "teacher").is_dir()
+
+
+def _kernel_output(root: Path, slug: str, run: str = "teacher") -> Path:
+    """What Kaggle mounts for an attached kernel: its /kaggle/working, read-only, under /kaggle/input/<slug>."""
+    out = root / slug / "runs" / run
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "folds.parquet").write_bytes(b"PAR1")
+    (out / "teachers" / "t" / "oof.parquet").parent.mkdir(parents=True)
+    (out / "teachers" / "t" / "oof.parquet").write_bytes(b"x" * 100)
+    (out / "teachers" / "t" / "big.safetensors").write_bytes(b"y" * 5000)
+    return out
+
+
+def test_a_chained_notebook_brings_the_upstream_kernels_run_folder(tmp_path, monkeypatch):
+    inputs = tmp_path / "input"
+    source = _kernel_output(inputs, "arena-distill-01-teacher-training")
+    monkeypatch.setattr(kaggle, "LINK_ABOVE", 1000)
+    lines: list[str] = []
+    run = tmp_path / "working" / "runs" / "teacher"
+    (run / "teachers" / "t").mkdir(parents=True)
+    (run / "teachers" / "t" / "oof.parquet").write_bytes(b"mine")  # a restarted session's own work is kept
+    got = kaggle.chain_run(run, "arena-distill-01-teacher-training", env="kaggle", input_root=inputs,
+                           log=lines.append)
+    assert got == run and (run / "data" / "folds.parquet").read_bytes() == b"PAR1"
+    assert (run / "teachers" / "t" / "oof.parquet").read_bytes() == b"mine"
+    assert (run / "teachers" / "t" / "big.safetensors").is_symlink()
+    assert (run / "teachers" / "t" / "big.safetensors").resolve() == (source / "teachers" / "t" / "big.safetensors")
+    assert "arena-distill-01-teacher-training's output" in lines[0] and "1 files copied, 1 linked" in lines[0]
+    lines.clear()  # not attached (or not on Kaggle): the run folder as it is, said so
+    kaggle.chain_run(tmp_path / "other", "arena-distill-02-distillation", env="kaggle", input_root=inputs,
+                     log=lines.append)
+    assert "is not attached" in lines[0]
+    kaggle.chain_run(tmp_path / "local", "arena-distill-01-teacher-training", env="local", input_root=inputs,
+                     log=lines.append)
+    assert lines[-1] == f"inputs: the run folder {tmp_path / 'local'}"
+
+
+def test_newer_input_layouts_and_several_runs(tmp_path):
+    inputs = tmp_path / "input"
+    _kernel_output(inputs / "notebooks" / "alice", "arena-distill-02-distillation", run="a")
+    _kernel_output(inputs / "notebooks" / "alice" / "x", "unrelated", run="b")
+    output = kaggle.kernel_output_dir("arena-distill-02-distillation", inputs)
+    assert output == inputs / "notebooks" / "alice" / "arena-distill-02-distillation"
+    assert kaggle.find_run(output, "whatever").name == "a"  # the only run there
+    (output / "runs" / "c" / "data").mkdir(parents=True)
+    (output / "runs" / "c" / "data" / "folds.parquet").write_bytes(b"PAR1")
+    assert kaggle.find_run(output, "c").name == "c"
+    with pytest.raises(FileNotFoundError, match=r"no single run folder 'z'.*runs/a, runs/c"):
+        kaggle.find_run(output, "z")
+
+
+def test_a_required_parameter_left_empty_stops_the_notebook_at_once(tmp_path):
+    with pytest.raises(kaggle.ParameterError, match=r"01_teacher_training: model_dir is empty: set it to a folder"):
+        kaggle.require_parameters("01_teacher_training", None, model_dir=("", "a folder"), name=("t", "a name"))
+    kaggle.require_parameters("01_teacher_training", "teacher.json", model_dir=("", "a folder"))  # config carries it
+    pm = pytest.importorskip("papermill")
+    with pytest.raises(pm.PapermillExecutionError, match="model_dir is empty") as err:
+        pm.execute_notebook(str(ROOT / "notebooks" / "01_teacher_training.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"run_dir": str(tmp_path / "run")}, kernel_name="python3",
+                            progress_bar=False, cwd=str(tmp_path))
+    assert err.value.exec_count <= 4 and not (tmp_path / "run").exists()  # before any data or model work
+
+
+def test_build_injects_parameters_and_push_refuses_an_empty_required_one(tmp_path):
+    project = _project(tmp_path)
+    summary = kaggle.build(tmp_path / "b", "alice", project, wheels=False)
+    assert any("arena-distill-01-teacher-training: model_dir" in w for w in summary["warnings"])
+    with pytest.raises(ValueError, match="required notebook parameters are empty.*01-teacher-training: model_dir"):
+        kaggle.push_plan(tmp_path / "b", "alice")
+    assert kaggle.push_plan(tmp_path / "b", "alice", only=("05",))  # the submission kernel alone is fine
+    params = kaggle.parse_params(["01:model_dir=/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2", "01:k_folds=3",
+                                  "arena-distill-02-distillation:model_dir=/kaggle/input/qwen"])
+    summary = kaggle.build(tmp_path / "b", "alice", project, wheels=False, params=params)
+    assert summary["problems"] == [] and not any("model_dir" in w for w in summary["warnings"])
+    notebook = tmp_path / "b" / "kernels" / "arena-distill-01-teacher-training" / "01_teacher_training.ipynb"
+    values = kaggle.notebook_parameters(notebook)
+    assert values["model_dir"] == "/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2" and values["k_folds"] == 3
+    pm = pytest.importorskip("papermill")
+    assert "model_dir" in pm.inspect_notebook(str(notebook))  # papermill still sees the parameters cell
+    with pytest.raises(ValueError, match="no parameter \\['modeldir'\\]"):
+        kaggle.build(tmp_path / "b", "alice", project, wheels=False, params={"01": {"modeldir": "x"}})
+    with pytest.raises(ValueError, match="expected NB:NAME=VALUE"):
+        kaggle.parse_params(["model_dir=/x"])
+
+
+class _FakeKaggle:
+    """The `kaggle` CLI's argument shapes and output lines, scripted: `kernels status` answers in turn."""
+
+    def __init__(self, statuses: dict[str, list[str]], log_text: str = ""):
+        self.statuses, self.calls, self.log_text = statuses, [], log_text
+
+    def __call__(self, argv):
+        self.calls.append(argv)
+        out = ""
+        if argv[1:3] == ("kernels", "status"):
+            out = f'{argv[3]} has status "KernelWorkerStatus.{self.statuses[argv[3]].pop(0).upper()}"'
+        elif argv[1:3] == ("datasets", "status"):
+            out = "ready"
+        elif argv[1:3] == ("kernels", "output"):
+            folder = Path(argv[argv.index("-p") + 1])
+            (folder / f"{argv[3].split('/')[1]}.log").write_text(self.log_text)
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+
+def test_push_waits_for_each_kernel_whose_output_the_next_reads(tmp_path):
+    params = {"01": {"model_dir": "/kaggle/input/m"}, "02": {"model_dir": "/kaggle/input/m"}}
+    kaggle.build(tmp_path / "b", "alice", _project(tmp_path), wheels=False, params=params)
+    steps = kaggle.push_plan(tmp_path / "b", "alice")
+    waits = [s.argv[-1] for s in steps if s.wait == "kernel"]
+    assert waits == ["alice/arena-distill-01-teacher-training", "alice/arena-distill-02-distillation",
+                     "alice/arena-distill-03-lora-merge"]  # 04 and 05 feed no kernel
+    order = [str(s) for s in steps]
+    assert order.index("kaggle kernels status alice/arena-distill-01-teacher-training") < \
+        order.index(f"kaggle kernels push -p {tmp_path / 'b' / 'kernels' / 'arena-distill-02-distillation'}")
+    fake = _FakeKaggle({w: ["complete", "queued", "running", "running", "complete"] if "01" in w else
+                        ["running", "complete"] for w in waits})
+    slept: list[float] = []
+    assert kaggle.push(steps, dry_run=False, poll_s=60, log=lambda _: None, runner=fake, sleep=slept.append) == 0
+    assert [c[1:3] for c in fake.calls].count(("kernels", "push")) == 6
+    assert len(slept) == 4 + 1 + 1  # 01: the stale "complete" (ignored), queued, running ×2; 02, 03: running
+    assert fake.statuses[waits[0]] == []
+
+
+def test_a_failed_upstream_kernel_stops_the_push_and_prints_its_log(tmp_path):
+    params = {"01": {"model_dir": "/kaggle/input/m"}, "02": {"model_dir": "/kaggle/input/m"}}
+    kaggle.build(tmp_path / "b", "alice", _project(tmp_path), wheels=False, params=params)
+    steps = kaggle.push_plan(tmp_path / "b", "alice", only=("01", "02"))
+    fake = _FakeKaggle({"alice/arena-distill-01-teacher-training": ["running", "error"]},
+                       log_text="cell 4\nCUDA out of memory\n")
+    lines: list[str] = []
+    assert kaggle.push(steps, dry_run=False, log=lines.append, runner=fake, sleep=lambda s: None) == 1
+    assert ("kaggle", "kernels", "output", "alice/arena-distill-01-teacher-training", "-p",
+            str(tmp_path / "b" / "logs" / "arena-distill-01-teacher-training"), "-o") in fake.calls
+    assert any("CUDA out of memory" in line for line in lines)
+    assert not any(c[1:3] == ("kernels", "push") and c[-1].endswith("02-distillation") for c in fake.calls)
