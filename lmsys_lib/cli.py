@@ -453,9 +453,12 @@ def _kaggle_build(args: argparse.Namespace, kaggle: Any, project: Path, user: st
         print(f"no Kaggle user name (--user, $KAGGLE_USERNAME or kaggle.json): building for "
               f"{kaggle.PLACEHOLDER_USER!r}, which push refuses", file=sys.stderr)
     target = wheelhouse.Target.kaggle(args.python) if args.python else None
+    image = None if not args.image else wheelhouse.live_image() if args.image == "local" else \
+        wheelhouse.Image.read(args.image)
     summary = kaggle.build(args.out, user or kaggle.PLACEHOLDER_USER, project, run_dir=args.run_dir,
                            wheels=not args.no_wheels, target=target, extra_wheels=tuple(args.add_wheel or ()),
-                           params=kaggle.parse_params(args.param or ()))
+                           params=kaggle.parse_params(args.param or ()), image=image,
+                           allow_replace=tuple(args.allow_replace or ()))
     print(json.dumps(summary, indent=2))
     return 1 if summary["problems"] else 0
 
@@ -477,8 +480,13 @@ def _kaggle_push(args: argparse.Namespace, kaggle: Any, user: str | None) -> int
             return 1
     elif not build_dir.is_dir():
         print(f"# {build_dir} is not built yet: `lmsys kaggle build --out {build_dir}` writes it")
+    if args.dry_run and build_dir.is_dir():
+        try:  # a dry run shows the whole plan; what a real push would refuse is said first
+            kaggle.push_plan(build_dir, user or kaggle.PLACEHOLDER_USER, only=tuple(args.only or ()))
+        except ValueError as err:
+            print(f"# a real push refuses: {err}")
     steps = kaggle.push_plan(build_dir, user or kaggle.PLACEHOLDER_USER, message=args.message, new=args.new,
-                             only=tuple(args.only or ()))
+                             only=tuple(args.only or ()), check_required=not args.dry_run)
     return kaggle.push(steps, dry_run=args.dry_run)
 
 
@@ -515,7 +523,7 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "kaggle validate": ("lmsys kaggle validate", "lmsys kaggle validate build/kaggle --for-push"),
     "kaggle build": ("lmsys kaggle build --run-dir runs/winner --user alice --param "
                      "01:model_dir=/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2 02:model_dir=zoo:smollm2-135m",
-                     "lmsys kaggle build --no-wheels --out build/kaggle"),
+                     "lmsys kaggle build --image image.json --allow-replace protobuf numpy"),
     "kaggle push": ("lmsys kaggle push --dry-run", "lmsys kaggle push --only 05 --message 'new student'"),
     "evaluate": ("lmsys evaluate --run-dir runs/r --pred runs/r/teachers/teacher/oof.parquet",
                  "lmsys evaluate --pred submission.csv --data holdout.csv --out report/"),
@@ -732,7 +740,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--user", help="Kaggle user name (default: $KAGGLE_USERNAME or kaggle.json's username)")
     k.add_argument("--run-dir", help="a run whose quantized/ becomes the student dataset")
     k.add_argument("--no-wheels", action="store_true", help="skip the wheel and wheelhouse")
-    k.add_argument("--python", help="Kaggle's Python version for the wheelhouse (default 3.11)")
+    k.add_argument("--python", help="the kernel's Python version for the wheelhouse (default: the image's)")
+    k.add_argument("--image", help="the image table to build for: a JSON file as a kernel's first cell prints it "
+                   "(wheelhouse.live_image), or 'local' for this machine (default: wheelhouse.KAGGLE_IMAGE)")
+    k.add_argument("--allow-replace", nargs="+", metavar="NAME",
+                   help="packages the image ships that may be replaced: shipped in the wheelhouse when a "
+                   "requirement needs another version (never torch)")
     k.add_argument("--add-wheel", nargs="+", metavar="WHL",
                    help="prebuilt wheels to ship (e.g. gptqmodel built in a Kaggle session)")
     k.add_argument("--param", nargs="+", metavar="NB:NAME=VALUE",

@@ -782,7 +782,8 @@ def kaggle_user(explicit: str | None = None, env: Mapping[str, str] | None = Non
 def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Path | None = None,
           wheels: bool = True, target: Any = None, extras: tuple[str, ...] = ("train", "quantize"),
           extra_wheels: tuple[str | Path, ...] = (), params: Mapping[str, Mapping[str, Any]] | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          image: Any = None, allow_replace: tuple[str, ...] = (), log: Callable[[str], None] = print,
+          ) -> dict[str, Any]:
     """Write everything the suite pushes under ``out``:
 
     - ``kernels/<slug>/``: the notebook and its kernel-metadata.json (code_file beside it);
@@ -790,6 +791,10 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
       (``wheels=False`` skips the pip work), ``wheelhouse.json`` listing what is in it and why;
     - ``datasets/arena-distill-student-gptq/``: a copy of ``<run_dir>/quantized`` when a run is given (a
       folder whose fidelity check failed is refused).
+
+    The wheelhouse is built for ``image`` (``wheelhouse.Image``; default ``wheelhouse.KAGGLE_IMAGE``): its
+    Python, gptqmodel re-pinned to the newest release the image satisfies, and a requirement that would
+    replace a package the image ships is a problem (unless named in ``allow_replace``: then it is shipped).
 
     ``params``: notebook parameters per kernel (``{"01": {"model_dir": "/kaggle/input/…"}}``, by notebook number
     or slug), injected the way papermill does; the committed metadata files' edits are laid on top of the
@@ -818,10 +823,11 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
         summary["kernels"].append(spec.slug)
     wheel_problems: list[str] = []
     if wheels:
-        report = _build_wheels(out / "datasets" / WHEELS.slug, user, project_dir, target, extras, extra_wheels, log)
+        report, notes, image_problems = _build_wheels(out / "datasets" / WHEELS.slug, project_dir, target, extras,
+                                                      extra_wheels, image, allow_replace, log)
         summary["datasets"][WHEELS.slug] = f"{len(report.files)} files, {report.total_bytes / 2**20:.1f} MiB"
-        summary["warnings"] += report.sdists  # Kaggle would compile these offline: ship wheels (--add-wheel)
-        wheel_problems = report.conflicts + report.problems
+        summary["warnings"] += report.sdists + notes  # sdists: Kaggle would compile them offline (--add-wheel)
+        wheel_problems = report.conflicts + report.problems + image_problems
         _overlay_dataset(out / "datasets" / WHEELS.slug, WHEELS, project_dir, user, summary)
     if run_dir is not None:
         folder = out / "datasets" / STUDENT.slug
@@ -861,18 +867,30 @@ def _overlay_dataset(folder: Path, spec: DatasetSpec, project_dir: Path, user: s
                                    f"it in {committed} (licenses + description), the build keeps your edit")
 
 
-def _build_wheels(folder: Path, user: str, project_dir: Path, target: Any, extras: tuple[str, ...],
-                  extra_wheels: tuple[str | Path, ...], log: Callable[[str], None]) -> Any:
+def _build_wheels(folder: Path, project_dir: Path, target: Any, extras: tuple[str, ...],
+                  extra_wheels: tuple[str | Path, ...], image: Any, allow_replace: tuple[str, ...],
+                  log: Callable[[str], None]) -> tuple[Any, list[str], list[str]]:
+    """The wheel and the wheelhouse for ``image``; returns the report, notes and warnings, problems."""
     from . import wheelhouse
 
     folder.mkdir(parents=True, exist_ok=True)
+    image = image or wheelhouse.KAGGLE_IMAGE
+    target = target or wheelhouse.Target.kaggle(".".join(image.python.split(".")[:2]))
     wheel = wheelhouse.build_wheel(project_dir, folder)
-    requirements = wheelhouse.lmsys_requirements(wheel, extras=extras)
-    report = wheelhouse.build_wheelhouse(folder, requirements, target or wheelhouse.Target.kaggle(),
+    fit = wheelhouse.fit_to_image(wheelhouse.lmsys_requirements(wheel, extras=extras, target=target), image,
+                                  target, allow_replace)
+    exclude = wheelhouse.KAGGLE_SHIPS - {n.lower() for n in allow_replace}
+    report = wheelhouse.build_wheelhouse(folder, fit.requirements, target, exclude=exclude,
                                          extra_wheels=tuple(Path(p) for p in extra_wheels), log=log)
-    wheelhouse.write_manifest(report, folder / "wheelhouse.json")
+    misfits, unchecked = wheelhouse.replaced_by(report, image)
+    manifest = wheelhouse.write_manifest(report, folder / "wheelhouse.json")
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    data |= {"image": image.to_dict(), "chosen": fit.notes, "replaces": sorted(allow_replace)}
+    manifest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log(report.summary())
-    return report
+    for line in fit.notes + [f"UNCHECKED {u}" for u in unchecked]:
+        log(f"  {line}")
+    return report, fit.notes + unchecked, fit.problems + misfits
 
 
 def _build_student(folder: Path, run_dir: Path) -> tuple[str, tuple[str, bool]]:
@@ -924,18 +942,19 @@ def kernel_order(kernels: tuple[KernelSpec, ...] = SUITE_KERNELS) -> list[Kernel
 
 
 def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill update", new: bool = False,
-              only: tuple[str, ...] = ()) -> list[PushStep]:
+              only: tuple[str, ...] = (), check_required: bool = True) -> list[PushStep]:
     """Datasets first (``create`` when ``new``, else ``version``; always ``--dir-mode zip``: the default
     ``skip`` silently drops subfolders), each followed by a wait until Kaggle has processed it, then the kernels
     in dependency order; a kernel whose output a later pushed kernel reads is waited for (its run must be
     over before the next one can attach its output). ``only``: notebook numbers ("05") or kernel slugs to push;
     the datasets they attach come with them. A built kernel whose required parameter is empty is refused
-    (``ValueError``): it would fail at once on Kaggle's GPU."""
+    (``ValueError``; ``check_required=False`` skips that, for a dry run): it would fail at once on Kaggle's GPU."""
     build_dir = Path(build_dir)
     kernels = [k for k in kernel_order() if not only or k.slug in only or k.notebook[:2] in only]
     if only and not kernels:
         raise ValueError(f"--only {only} matches no kernel; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
-    _check_required(build_dir, kernels)
+    if check_required:
+        _check_required(build_dir, kernels)
     needed = {slug for k in kernels for slug in k.datasets} if only else {d.slug for d in SUITE_DATASETS}
     steps: list[PushStep] = []
     for spec in (d for d in SUITE_DATASETS if d.slug in needed):

@@ -49,6 +49,7 @@ from typing import Any
 
 from packaging import tags
 from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
@@ -79,6 +80,261 @@ KAGGLE_SHIPS = frozenset({
 })
 
 
+# ---------------------------------------------------------------- the image the wheelhouse installs into
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    """What a machine image ships: Python and package versions, each with where the number comes from.
+
+    ``packages``: canonical name → (version or None when not known, source). A None version is never taken
+    as satisfying or violating a requirement: it is reported as unchecked, for the live check to settle.
+    """
+
+    name: str
+    python: str
+    python_source: str
+    date: str
+    packages: dict[str, tuple[str | None, str]]
+
+    def version(self, name: str) -> str | None:
+        entry = self.packages.get(canonicalize_name(name))
+        return entry[0] if entry else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "date": self.date, "python": [self.python, self.python_source],
+                "packages": {k: list(v) for k, v in sorted(self.packages.items())}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "image") -> Image:
+        try:
+            python, python_source = data["python"]
+            packages = {canonicalize_name(k): (v[0], v[1]) for k, v in data["packages"].items()}
+            return cls(str(data["name"]), str(python), str(python_source), str(data["date"]), packages)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f"{where}: not an image table ({err}); expected {{name, date, python: [version, "
+                             "source], packages: {{name: [version, source]}}}} — as live_image() prints") from None
+
+    @classmethod
+    def read(cls, path: str | Path) -> Image:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+
+
+_DOCKER = "Kaggle/docker-python@78aaa43 (2026-08-12)"
+# Kaggle's GPU image as far as its public build files say; versions its base image (Colab's) decides are not
+# written there and stay None until a kernel prints them (notebook 05's first cell: `live_image()`).
+KAGGLE_IMAGE = Image(
+    name="Kaggle GPU image: docker-python 78aaa43 on Colab's runtime 20260514-060047_RC00",
+    python="3.12", python_source=f"{_DOCKER} Dockerfile.tmpl: PACKAGE_PATH=/usr/local/lib/python3.12/dist-packages",
+    date="2026-08-12",
+    packages={
+        "torch": ("2.10", f"inferred: {_DOCKER} kaggle_requirements.txt pins torchcodec==0.10.0 'compatible with "
+                          "torch version', and torchcodec pairs 0.10 with torch 2.10"),
+        "protobuf": ("5.29.5", f"{_DOCKER} Dockerfile.tmpl force-reinstalls protobuf==5.29.5 (b/468367647)"),
+        "setuptools": ("81", f"{_DOCKER} Dockerfile.tmpl: setuptools>=70.0,<82 (the newest allowed)"),
+        "transformers": (None, f"{_DOCKER} kaggle_requirements.txt asks transformers>=5.0.0; the version "
+                               "installed comes from Colab's base image"),
+        "numpy": (None, "Colab's base image (not in Kaggle's build files)"),
+        "accelerate": (None, "Colab's base image (not in Kaggle's build files)"),
+        "peft": (None, "Colab's base image (not in Kaggle's build files)"),
+        "safetensors": (None, "Colab's base image (not in Kaggle's build files)"),
+    })
+
+
+class ImageMismatch(RuntimeError):
+    """The image's versions do not satisfy what the wheelhouse was built to rely on."""
+
+
+def image_misfits(requirements: Iterable[str | Requirement], image: Image, target: Target | None = None,
+                  shipped: Iterable[str] = KAGGLE_SHIPS) -> tuple[list[str], list[str]]:
+    """The requirements on packages the image ships that its versions violate (pip would have to replace
+    them), and those it cannot check (version unknown). Markers are evaluated for ``target``."""
+    env = (target or Target.kaggle(image.python)).marker_environment()
+    patterns = [re.sub(r"[-_.]+", "-", e).lower() for e in shipped]
+    misfits, unchecked = [], []
+    for item in requirements:
+        req = item if isinstance(item, Requirement) else Requirement(item)
+        name = canonicalize_name(req.name)
+        if (req.marker is not None and not req.marker.evaluate({**env, "extra": ""})) or \
+                not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        have = image.version(name)
+        if have is None:
+            if req.specifier:  # a bare name asks nothing of the version
+                unchecked.append(f"{req} (the image's {name}: unknown)")
+        elif not req.specifier.contains(Version(have), prereleases=True):
+            misfits.append(f"{req} (the image has {name} {have})")
+    return misfits, unchecked
+
+
+@dataclasses.dataclass
+class VersionChoice:
+    """The newest release of ``name`` whose requirements the image satisfies, and why newer ones were not."""
+
+    name: str
+    version: str | None
+    rejected: dict[str, list[str]]
+    unchecked: list[str]
+
+    def explain(self) -> str:
+        why = "; ".join(f"{v}: {', '.join(r)}" for v, r in self.rejected.items())
+        if self.version is None:
+            return f"no {self.name} release fits the image — {why or 'none found'}"
+        return f"{self.name} {self.version}" + (f" (newer ones do not fit: {why})" if why else "")
+
+
+def choose_version(name: str, versions: Iterable[str], requirements_of: Callable[[str], list[str] | None],
+                   image: Image, target: Target | None = None, limit: int = 6,
+                   shipped: Iterable[str] = KAGGLE_SHIPS) -> VersionChoice:
+    """Try releases of ``name`` newest first (at most ``limit``: each costs a download); the first whose requirements fit ``image``
+    wins. ``requirements_of(version)``: its Requires-Dist, or None when they cannot be read without a build
+    (dynamic metadata) — such a release is skipped, with the reason."""
+    rejected: dict[str, list[str]] = {}
+    for version in sorted(set(versions), key=Version, reverse=True)[:limit]:
+        if Version(version).is_prerelease:
+            continue
+        requires = requirements_of(version)
+        if requires is None:
+            rejected[version] = ["its requirements are unknown without building it (dynamic metadata)"]
+            continue
+        misfits, unchecked = image_misfits(requires, image, target, shipped)
+        if not misfits:
+            return VersionChoice(name, version, rejected, unchecked)
+        rejected[version] = misfits
+    return VersionChoice(name, None, rejected, [])
+
+
+def index_versions(name: str) -> list[str]:
+    """The releases of ``name`` on the package index (``pip index versions``)."""
+    out = _run(_pip("index", "versions", name), f"pip index versions {name}").stdout
+    found = re.search(r"Available versions:\s*(.+)", out)
+    return [v.strip() for v in found.group(1).split(",")] if found else []
+
+
+def index_requirements(name: str, target: Target) -> Callable[[str], list[str] | None]:
+    """``requirements_of`` for ``choose_version``: downloads each release asked for (``--no-deps``, for
+    ``target``) into a temporary folder and reads its metadata."""
+    def requirements_of(version: str) -> list[str] | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path, _ = _download(f"{name}=={version}", target, Path(tmp))
+            if path is None:
+                return None
+            meta = read_metadata(path)
+            return None if meta.requires is None else [str(r) for r in meta.requires]
+    return requirements_of
+
+
+CHOOSABLE = ("gptqmodel",)  # pinned for this machine in pyproject; for an image, the newest release that fits it
+
+
+@dataclasses.dataclass
+class ImageFit:
+    """``fit_to_image``'s answer: the requirements to resolve, what was chosen and why, what cannot be."""
+
+    requirements: list[str]
+    notes: list[str]
+    problems: list[str]
+
+
+def fit_to_image(requirements: Sequence[str], image: Image, target: Target, allow_replace: Iterable[str] = (),
+                 versions_of: Callable[[str], list[str]] = index_versions,
+                 requirements_for: Callable[[str, Target], Callable[[str], list[str] | None]] = index_requirements,
+                 choosable: Sequence[str] = CHOOSABLE) -> ImageFit:
+    """Re-pin each ``choosable`` requirement to the newest release whose own requirements ``image`` satisfies
+    (``choose_version``); a name with no such release is a problem that names each release's misfit. Names in
+    ``allow_replace`` are not held against a release (they will be shipped, replacing the image's)."""
+    replace = {canonicalize_name(n) for n in allow_replace}
+    if replace & REFUSED:
+        raise ValueError(f"--allow-replace {sorted(replace & REFUSED)}: the image's CUDA torch is never replaced")
+    shipped = set(KAGGLE_SHIPS) - replace
+    fitted, notes, problems = [], [], []
+    for text in requirements:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        if name not in choosable:
+            fitted.append(text)
+            continue
+        choice = choose_version(name, versions_of(name), requirements_for(name, target), image, target,
+                                shipped=shipped)
+        if choice.version is None:
+            problems.append(choice.explain() + " — build for a newer image (--image, from a kernel's "
+                            "live_image()), or ship what it lacks in the wheelhouse (--allow-replace NAME …: "
+                            "it then replaces the image's copy in that kernel)")
+            fitted.append(text)
+            continue
+        fitted.append(f"{req.name}=={choice.version}")
+        notes.append(f"chose {choice.explain()}" + (f"; unchecked: {', '.join(choice.unchecked)}"
+                                                      if choice.unchecked else ""))
+    return ImageFit(fitted, notes, problems)
+
+
+def replaced_by(report: WheelhouseReport, image: Image) -> tuple[list[str], list[str]]:
+    """After a resolution: every requirement on a package left to the image that the image's version
+    violates (pip would replace it at install time: refused), and those it cannot check (version unknown)."""
+    misfits, unchecked = [], []
+    for name, needs in sorted(report.image_needs.items()):
+        have = image.version(name)
+        for requirer, spec in needs:
+            if not spec:
+                continue
+            if have is None:
+                unchecked.append(f"{requirer} needs {name}{spec} (the image's version is unknown: the kernel's "
+                                 "first cell checks it)")
+            elif not SpecifierSet(spec).contains(Version(have), prereleases=True):
+                misfits.append(f"{requirer} needs {name}{spec}, the image has {have}: pip would replace it "
+                               f"(refused; --allow-replace {name} ships it instead)")
+    return misfits, unchecked
+
+
+def live_image(names: Iterable[str] | None = None) -> Image:
+    """This machine as an image table: the running Python and the installed version of every package
+    ``KAGGLE_SHIPS`` names (prefixes expanded over what is installed). Run in a kernel, its JSON is what
+    ``lmsys kaggle build --image`` takes."""
+    from importlib import metadata
+
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()
+                 if d.metadata["Name"]}
+    wanted = sorted(names or KAGGLE_SHIPS)
+    found = {n: v for n, v in installed.items() if any(fnmatch.fnmatchcase(n, w) for w in wanted)}
+    where = f"read on {platform.node() or 'this machine'} with importlib.metadata"
+    return Image(name=f"live: {platform.platform()}", python=platform.python_version(), python_source=where,
+                 date=__import__("datetime").date.today().isoformat(),
+                 packages={n: (v, where) for n, v in sorted(found.items())})
+
+
+def check_live(wheelhouse_dir: str | Path | None, log: Callable[[str], None] = print) -> Image | None:
+    """A kernel's first check: print this machine's versions (Python, the shipped packages) as JSON, then
+    compare them with what the wheelhouse in ``wheelhouse_dir`` was built to rely on (``wheelhouse.json``:
+    the Python it targets and every requirement on a package it left to the image). Raises ``ImageMismatch``
+    naming each mismatch — in seconds, before any model loads. Without the folder (not on Kaggle) it says so
+    and returns None."""
+    folder = Path(wheelhouse_dir) if wheelhouse_dir else None
+    if folder is None or not (folder / "wheelhouse.json").is_file():
+        log(f"no wheelhouse at {folder}: the image check is skipped (not a Kaggle kernel with the wheels attached)")
+        return None
+    live = live_image()
+    log("this image (pass it to `lmsys kaggle build --image FILE` to build for it):\n"
+        + json.dumps(live.to_dict(), indent=1))
+    built = json.loads((folder / "wheelhouse.json").read_text(encoding="utf-8"))
+    wanted_python = str(built.get("target", {}).get("python_version", ""))
+    problems = []
+    if wanted_python and not live.python.startswith(wanted_python + "."):
+        problems.append(f"Python {live.python}, but the wheelhouse was built for {wanted_python} "
+                        f"(lmsys kaggle build --python {'.'.join(live.python.split('.')[:2])})")
+    for name, needs in sorted(built.get("image_needs", {}).items()):
+        have = live.version(name)
+        for requirer, spec in needs:
+            if have is None and not name.endswith("*"):
+                problems.append(f"{requirer} needs {name}{spec}, which this image does not have")
+            elif have is not None and spec and not SpecifierSet(spec).contains(Version(have), prereleases=True):
+                problems.append(f"{requirer} needs {name}{spec}; this image has {have}")
+    if problems:
+        raise ImageMismatch(f"the wheelhouse {folder} does not fit this image ({len(problems)}): "
+                            + "; ".join(problems) + " — rebuild it for this image: save the JSON above as "
+                            "image.json and run `lmsys kaggle build --image image.json`")
+    log(f"the wheelhouse {folder} fits this image")
+    return live
+
+
 # ---------------------------------------------------------------- the target interpreter and platform
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +360,13 @@ class Target:
                    abi=first.abi, python_full_version=platform.python_version())
 
     @classmethod
-    def kaggle(cls, python_version: str = "3.11", glibc: str = "2.35") -> Target:
-        """Kaggle's GPU image: CPython on manylinux x86_64 (Ubuntu 22.04, glibc 2.35).
+    def kaggle(cls, python_version: str | None = None, glibc: str = "2.35") -> Target:
+        """Kaggle's GPU image: CPython (``KAGGLE_IMAGE.python`` unless given) on manylinux x86_64 (glibc 2.35).
 
-        The image moves: check ``python --version`` (and ``ldd --version``) in a kernel and pass what it
-        prints, e.g. ``Target.kaggle("3.12")`` / ``lmsys kaggle build --python 3.12``.
+        The image moves: check ``python --version`` (and ``ldd --version``) in a kernel — notebook 05's first
+        cell prints them — and pass what it prints, e.g. ``lmsys kaggle build --python 3.13`` or ``--image``.
         """
+        python_version = python_version or KAGGLE_IMAGE.python
         return cls(python_version=python_version, platforms=(*_manylinux_tags(glibc, "x86_64"), "linux_x86_64"),
                    implementation="cp", abi="cp" + python_version.replace(".", ""))
 
@@ -255,6 +512,7 @@ class WheelhouseReport:
     target: Target
     files: list[WheelFile] = dataclasses.field(default_factory=list)
     excluded: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # name → ["requirer (spec)"]
+    image_needs: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)  # name → [[requirer, spec]]
     skipped_by_marker: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # requirement → requirers
     sdists: list[str] = dataclasses.field(default_factory=list)
     conflicts: list[str] = dataclasses.field(default_factory=list)
@@ -444,6 +702,9 @@ class _Resolver:
             if name not in self.nodes and self.excluded(name):
                 who = f"{requirer} ({req.specifier})" if req.specifier else requirer
                 _append_once(self.report.excluded.setdefault(name, []), who)
+                needs = self.report.image_needs.setdefault(name, [])
+                if [requirer, str(req.specifier)] not in needs:
+                    needs.append([requirer, str(req.specifier)])
                 continue
             if name in REFUSED:
                 raise ValueError(f"{requirer} requires {req}: refusing to put {name} in the wheelhouse. Kaggle "

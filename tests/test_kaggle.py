@@ -237,9 +237,9 @@ def test_kaggle_build_command_ships_the_wheel_and_the_wheelhouse(tmp_path):
     (train + quantize extras, what Kaggle ships left out, never torch), the student, the kernels — all pushable."""
     env = _clean_env(tmp_path) | {"KAGGLE_USERNAME": "alice"}
     out = tmp_path / "build"
-    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "build", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "build", "--out", str(out), "--image", "local",
                            "--run-dir", str(_fake_run(tmp_path))], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)
+                          cwd=tmp_path, timeout=900)  # built for this machine's image: gptqmodel 7.6.0 fits it
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     wheels = out / "datasets" / "arena-distill-wheels"
     names = sorted(p.name for p in wheels.iterdir())
@@ -248,10 +248,13 @@ def test_kaggle_build_command_ships_the_wheel_and_the_wheelhouse(tmp_path):
     assert not any(n.startswith(("torch-", "nvidia")) for n in names)
     manifest = json.loads((wheels / "wheelhouse.json").read_text())
     assert "torch" in manifest["excluded"] and "transformers" in manifest["excluded"]
+    assert manifest["image"]["name"].startswith("live:") and "chose gptqmodel 7.6.0" in manifest["chosen"][0]
+    assert ["gptqmodel", ">=2.8.0"] in manifest["image_needs"]["torch"]  # what the kernel's first cell checks
     assert kaggle.validate_tree(out, for_push=True) == []
     dry = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "push", "--dry-run", "--build", str(out)],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert dry.returncode == 0 and f"kaggle datasets version -p {wheels}" in dry.stdout
+    assert "# a real push refuses: required notebook parameters are empty" in dry.stdout  # 01/02's model_dir
 
 
 def test_the_submission_kernel_knows_which_run_it_is():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import platform
 import subprocess
 import sys
 import tarfile
@@ -22,7 +23,7 @@ from lmsys_lib import wheelhouse
 from lmsys_lib.wheelhouse import KAGGLE_SHIPS, Target
 
 ROOT = Path(__file__).resolve().parents[1]
-KAGGLE = Target.kaggle()
+KAGGLE = Target.kaggle("3.11")  # the mechanics on a fixed Python; the default follows KAGGLE_IMAGE
 
 
 def _metadata(name: str, version: str, requires=(), extras=(), metadata_version="2.1", dynamic=()) -> str:
@@ -364,3 +365,87 @@ def test_kaggle_wheelhouse_for_the_quantize_extra(tmp_path, built_wheel):
     assert "torch" in report.excluded and "gptqmodel (>=2.8.0)" in report.excluded["torch"]
     for f in report.files:
         assert f.kind == "sdist" or KAGGLE.fits(f.filename), f.filename
+
+
+# ---------------------------------------------------------------- the image: versions, the gptqmodel choice, the live check
+
+# gptqmodel's own Requires-Dist (PyPI metadata of each release), the parts that touch the image
+GPTQMODEL = {
+    "7.7.0": ["accelerate>=1.15.0", 'numpy>=2.5.4; python_version >= "3.12"', "torch>=2.14.1",
+              "transformers>=5.20.2", "protobuf>=7.36.2", "pypcre>=0.6.4"],
+    "7.6.0": ["accelerate>=1.13.0", 'numpy==2.2.6; python_version < "3.14"', "torch>=2.8.0",
+              "transformers>=5.14.0", "protobuf>=7.34.0", "torchao>=0.18.0"],
+    "7.3.6": ["accelerate>=1.13.0", 'numpy==2.2.6; python_version < "3.14"', "torch>=2.8.0",
+              "transformers>=5.14.0", "protobuf>=7.34.0", "torchao>=0.16.0"],
+    "6.0.3": None,  # its sdist's metadata is dynamic: unknown without a build
+}
+
+
+def _image(**versions):
+    return wheelhouse.Image("test image", "3.12", "test", "2026-12-02",
+                            {k: (v, "test") for k, v in versions.items()})
+
+
+def test_gptqmodel_is_chosen_for_the_image_table():
+    kaggle = wheelhouse.KAGGLE_IMAGE  # the recorded Kaggle image: protobuf 5.29.5 is pinned there
+    target = Target.kaggle()
+    assert target.python_version == kaggle.python == "3.12" and target.abi == "cp312"
+    choice = wheelhouse.choose_version("gptqmodel", GPTQMODEL, GPTQMODEL.get, kaggle, target)
+    assert choice.version is None
+    assert "torch>=2.14.1 (the image has torch 2.10)" in choice.rejected["7.7.0"]
+    assert choice.rejected["7.6.0"] == ["protobuf>=7.34.0 (the image has protobuf 5.29.5)"]
+    assert "dynamic metadata" in choice.rejected["6.0.3"][0]
+    newer = _image(torch="2.10.0", protobuf="7.34.1", numpy="2.2.6")
+    choice = wheelhouse.choose_version("gptqmodel", GPTQMODEL, GPTQMODEL.get, newer, target)
+    assert choice.version == "7.6.0" and "transformers>=5.14.0 (the image's transformers: unknown)" in choice.unchecked
+    newest = _image(torch="2.15.0", protobuf="7.40", numpy="2.5.4", transformers="5.30", accelerate="1.16")
+    assert wheelhouse.choose_version("gptqmodel", GPTQMODEL, GPTQMODEL.get, newest, target).version == "7.7.0"
+    fit = wheelhouse.fit_to_image(["gptqmodel==7.6.0", "optimum>=2.0"], kaggle, target,
+                                  versions_of=lambda name: list(GPTQMODEL), requirements_for=lambda n, t: GPTQMODEL.get)
+    assert fit.requirements == ["gptqmodel==7.6.0", "optimum>=2.0"] and "no gptqmodel release fits" in fit.problems[0]
+    fit = wheelhouse.fit_to_image(["gptqmodel==7.6.0"], kaggle, target, allow_replace=("protobuf",),
+                                  versions_of=lambda name: list(GPTQMODEL), requirements_for=lambda n, t: GPTQMODEL.get)
+    assert fit.requirements == ["gptqmodel==7.6.0"] and not fit.problems and "chose gptqmodel 7.6.0" in fit.notes[0]
+    with pytest.raises(ValueError, match="never replaced"):
+        wheelhouse.fit_to_image([], kaggle, target, allow_replace=("torch",))
+
+
+def test_a_wheelhouse_that_would_replace_what_the_image_ships_is_refused(tmp_path, index):
+    index(make_wheel(index.src, "needs-new-protobuf", "1.0", requires=["protobuf>=7.34", "numpy"]))
+    report = resolve(tmp_path, ["needs-new-protobuf"])
+    assert report.image_needs["protobuf"] == [["needs-new-protobuf", ">=7.34"]]
+    misfits, unchecked = wheelhouse.replaced_by(report, wheelhouse.KAGGLE_IMAGE)
+    assert misfits == ["needs-new-protobuf needs protobuf>=7.34, the image has 5.29.5: pip would replace it "
+                       "(refused; --allow-replace protobuf ships it instead)"]
+    assert unchecked == []  # numpy is asked for without a version
+    shipped = resolve(tmp_path / "b", ["needs-new-protobuf"], exclude=KAGGLE_SHIPS - {"protobuf"})
+    assert "protobuf" not in shipped.image_needs and wheelhouse.replaced_by(shipped, wheelhouse.KAGGLE_IMAGE)[0] == []
+
+
+def test_the_image_table_round_trips_and_a_bad_one_names_its_file(tmp_path):
+    path = tmp_path / "image.json"
+    live = wheelhouse.live_image()
+    path.write_text(json.dumps(live.to_dict()))
+    again = wheelhouse.Image.read(path)
+    assert again.python == live.python and again.version("packaging") == live.version("packaging") is not None
+    assert again.version("torch")  # this machine's torch, read by importlib.metadata
+    path.write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ValueError, match=f"{path}: not an image table"):
+        wheelhouse.Image.read(path)
+
+
+def test_the_live_check_fails_in_seconds_with_the_exact_mismatch(tmp_path):
+    lines: list[str] = []
+    assert wheelhouse.check_live(tmp_path / "absent", log=lines.append) is None and "skipped" in lines[0]
+    python = ".".join(platform.python_version().split(".")[:2])
+    manifest = {"target": {"python_version": python},
+                "image_needs": {"packaging": [["lmsys_lib", ">=20"]], "pyyaml": [["gptqmodel", ""]]}}
+    (tmp_path / "wheelhouse.json").write_text(json.dumps(manifest))
+    assert wheelhouse.check_live(tmp_path, log=lines.append) is not None and "fits this image" in lines[-1]
+    assert '"packaging"' in lines[-2]  # the live versions are printed first, as JSON
+    manifest["image_needs"]["packaging"] = [["optimum", ">=999"]]
+    manifest["target"]["python_version"] = "3.99"
+    (tmp_path / "wheelhouse.json").write_text(json.dumps(manifest))
+    with pytest.raises(wheelhouse.ImageMismatch, match=r"Python .*built for 3\.99.*optimum needs packaging>=999; "
+                                                        r"this image has"):
+        wheelhouse.check_live(tmp_path, log=lambda line: None)
