@@ -472,11 +472,13 @@ def _kaggle_push(args: argparse.Namespace, kaggle: Any, user: str | None) -> int
         return 2
     build_dir = Path(args.build)
     if not args.dry_run:
-        problems = kaggle.validate_tree(build_dir, for_push=True)
+        problems = [str(p) for p in kaggle.validate_tree(build_dir, for_push=True, client=True)]
+        problems += kaggle.build_problems(build_dir)
         if problems or not build_dir.is_dir():
             for problem in problems:
                 print(f"ERROR {problem}", file=sys.stderr)
-            print(f"{build_dir}: build it first (lmsys kaggle build --out {build_dir})", file=sys.stderr)
+            print(f"{build_dir}: " + ("fix these and build again" if problems else "build it first")
+                  + f" (lmsys kaggle build --out {build_dir})", file=sys.stderr)
             return 1
     elif not build_dir.is_dir():
         print(f"# {build_dir} is not built yet: `lmsys kaggle build --out {build_dir}` writes it")
@@ -550,7 +552,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 

@@ -26,6 +26,7 @@ This module never imports torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -153,7 +154,9 @@ def resolve_run_dir(run_dir: str | Path, env: str | None = None) -> Path:
     return path
 
 
-LINK_ABOVE = 256 * 2**20  # bytes: an upstream file this big is linked, not copied (read-only inputs, 20 GB output cap)
+# bytes: an upstream file this big is linked, not copied (Kaggle keeps 20 GB of output). A link lives only
+# while that kernel is attached: the next kernel in the chain sees it dangling (reported, never silently).
+LINK_ABOVE = 2**30
 
 
 def kernel_output_dir(slug: str, input_root: str | Path = KAGGLE_INPUT) -> Path | None:
@@ -192,26 +195,59 @@ def chain_run(run_dir: str | Path, upstream: str | None = None, env: str | None 
         log(f"inputs: the run folder {path}{where}")
         return path
     source = find_run(output, path.name)
-    copied, linked = _bring(source, path)
+    copied, linked, dangling = _bring(source, path)
     log(f"inputs: kernel {upstream}'s output {source} → {path} ({copied} files copied, {linked} linked, "
         "files already there kept)")
+    if dangling:
+        log(f"WARNING: {len(dangling)} files of {upstream}'s output are links into a kernel not attached here "
+            f"(e.g. {dangling[0]}): attach that kernel too (kernel_sources) if this stage reads them")
     return path
 
 
-def _bring(source: Path, dest: Path) -> tuple[int, int]:
-    copied = linked = 0
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+def _bring(source: Path, dest: Path) -> tuple[int, int, list[str]]:
+    """Copy (or, over ``LINK_ABOVE``, link) every file of ``source`` that ``dest`` lacks; a copy is written
+    under a temporary name and renamed, so a session killed mid-copy leaves no truncated file behind.
+    Returns the counts and the links in ``source`` that point nowhere here."""
+    copied, linked, dangling = 0, 0, []
+    for file in sorted(source.rglob("*")):
+        if file.is_symlink() and not file.exists():
+            dangling.append(str(file.relative_to(source)))
+            continue
         target = dest / file.relative_to(source)
-        if target.exists() or target.is_symlink():
+        if not file.is_file() or target.exists() or target.is_symlink():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if file.stat().st_size > LINK_ABOVE:
-            target.symlink_to(file)
+            target.symlink_to(file.resolve())
             linked += 1
         else:
-            shutil.copy2(file, target)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copy2(file, partial)
+            os.replace(partial, target)
             copied += 1
-    return copied, linked
+    return copied, linked, dangling
+
+
+def chain_model(model_dir: str | Path, upstream: str, env: str | None = None,
+                input_root: str | Path = KAGGLE_INPUT, log: Callable[[str], None] = print) -> str:
+    """The submission kernel's model folder: ``model_dir`` when it exists (the student dataset, a folder,
+    or a ``zoo:`` / hub name, returned as given); on Kaggle without it, the ``quantized/`` folder of the
+    attached kernel ``upstream``'s run (notebook 04's output: the all-Kaggle chain). Says which."""
+    text = str(model_dir)
+    if Path(text).is_dir() or (not Path(text).is_absolute()):  # a folder, or a zoo: / hub name
+        log(f"model: {text}")
+        return text
+    output = kernel_output_dir(upstream, input_root) if (env or detect_env()) == "kaggle" else None
+    if output is not None:
+        runs = sorted(p.parent for p in output.rglob("quantized/config.json"))
+        if len(runs) == 1:
+            log(f"model: {runs[0]} (kernel {upstream}'s output; {text} is not attached)")
+            return str(runs[0])
+        if runs:
+            raise FileNotFoundError(f"{output}: several quantised models ({', '.join(map(str, runs))}): set "
+                                    "model_dir to the one to score with")
+    raise FileNotFoundError(f"model folder {text} does not exist: attach the student dataset "
+                            f"({STUDENT.slug}) or the kernel {upstream} (kernel_sources), or set model_dir")
 
 
 class ParameterError(ValueError):
@@ -363,11 +399,15 @@ def parse_params(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not colon or not eq or not nb or not name:
             raise ValueError(f"--param {item!r}: expected NB:NAME=VALUE, e.g. 01:model_dir=/kaggle/input/gemma-2")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
+            value = json.loads(raw, parse_constant=_not_json)  # NaN / Infinity: not Python literals, kept as text
+        except (json.JSONDecodeError, ValueError):
             value = raw
         out.setdefault(nb, {})[name] = value
     return out
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(text)
 
 
 def kernel_metadata(spec: KernelSpec, user: str, code_file: str) -> dict[str, Any]:
@@ -428,7 +468,6 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 # ---------------------------------------------------------------- the committed files are the user's: overlays
 
-LIST_KEYS = ("dataset_sources", "competition_sources", "kernel_sources", "model_sources", "keywords")
 BUILD_KEYS = ("code_file",)  # the build's own: its notebook sits beside the metadata
 
 
@@ -443,40 +482,46 @@ def dataset_template(spec: DatasetSpec) -> dict[str, Any]:
 
 
 def user_edits(committed: dict[str, Any] | None, template: dict[str, Any]) -> dict[str, Any]:
-    """The user's edits of a committed metadata file: every key whose value differs from the template, and for
-    the list keys only the entries the template lacks (a source added, a keyword). ``{}`` for no file."""
-    edits: dict[str, Any] = {}
-    for key, value in (committed or {}).items():
-        if key in LIST_KEYS and isinstance(value, list) and isinstance(template.get(key), list):
-            added = [v for v in value if v not in template[key]]
-            if added:
-                edits[key] = added
-        elif key not in template or template[key] != value:
-            edits[key] = value
+    """The user's edits of a committed metadata file: every key whose value differs from the template (a list
+    whole: entries added or removed), and ``REMOVED`` for a template key the user deleted. The owner the file
+    was written for (``lmsys kaggle metadata --user alice``) counts as the placeholder, so building for
+    another user is not an edit. ``{}`` for no file."""
+    if not committed:
+        return {}
+    owner = str(committed.get("id", "")).split("/")[0]
+    if owner and owner != PLACEHOLDER_USER:
+        committed = _with_user(committed, PLACEHOLDER_USER, owner)
+    edits: dict[str, Any] = {k: v for k, v in committed.items() if k not in template or template[k] != v}
+    edits |= {k: REMOVED for k in template if k not in committed and k not in BUILD_KEYS + ("id",)}
     return edits
 
 
+REMOVED = "(removed by the user)"
+
+
 def apply_edits(generated: dict[str, Any], edits: dict[str, Any], user: str) -> dict[str, Any]:
-    """``generated`` with the user's ``edits`` on top: they win, list entries are appended (no duplicates), the
-    placeholder owner becomes ``user``; ``code_file`` stays the build's."""
+    """``generated`` with the user's ``edits`` on top: an edited key takes the user's value (a list as the
+    user wrote it), a removed key is dropped, the placeholder owner becomes ``user``; ``code_file`` stays
+    the build's."""
     out = json.loads(json.dumps(generated))
     for key, value in _with_user(edits, user).items():
         if key in BUILD_KEYS:
             continue
-        if key in LIST_KEYS and isinstance(value, list) and isinstance(out.get(key), list):
-            out[key] += [v for v in value if v not in out[key]]
+        if value == REMOVED:
+            out.pop(key, None)
         else:
             out[key] = value
     return out
 
 
-def _with_user(value: Any, user: str) -> Any:
-    if isinstance(value, str) and value.startswith(PLACEHOLDER_USER + "/"):
-        return user + value[len(PLACEHOLDER_USER):]
+def _with_user(value: Any, user: str, owner: str = PLACEHOLDER_USER) -> Any:
+    """Every ``owner/…`` string in ``value`` as ``user/…``."""
+    if isinstance(value, str) and value.startswith(owner + "/"):
+        return user + value[len(owner):]
     if isinstance(value, list):
-        return [_with_user(v, user) for v in value]
+        return [_with_user(v, user, owner) for v in value]
     if isinstance(value, dict):
-        return {k: _with_user(v, user) for k, v in value.items()}
+        return {k: _with_user(v, user, owner) for k, v in value.items()}
     return value
 
 
@@ -706,8 +751,10 @@ def client_problems(folder: str | Path, kind: str) -> list[MetadataProblem]:
     try:  # the package's __init__ tries to authenticate and prints how to when it cannot: not our output
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             from kaggle.api.kaggle_api_extended import KaggleApi
-    except ImportError:
+    except (ImportError, SystemExit):  # not installed, or a client that exits when it cannot authenticate
         return []
+    if not hasattr(KaggleApi, "build_kaggle_client"):
+        return []  # a 1.x client goes online another way: running its push here would really push
     folder = Path(folder)
     api = KaggleApi()
 
@@ -839,6 +886,17 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
     return summary
 
 
+def build_problems(build_dir: str | Path) -> list[str]:
+    """What the build of ``build_dir`` refused that a push must not ship: the wheelhouse's conflicts,
+    problems and image misfits (``wheelhouse.json``)."""
+    manifest = Path(build_dir) / "datasets" / WHEELS.slug / "wheelhouse.json"
+    if not manifest.is_file():
+        return []
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    found = data.get("conflicts", []) + data.get("problems", []) + data.get("image_problems", [])
+    return [f"{manifest}: {p}" for p in found]
+
+
 def _empty_required(out: Path) -> list[str]:
     """A warning per built kernel whose required parameter is still empty (push refuses to push it)."""
     try:
@@ -867,6 +925,11 @@ def _overlay_dataset(folder: Path, spec: DatasetSpec, project_dir: Path, user: s
                                    f"it in {committed} (licenses + description), the build keeps your edit")
 
 
+def canonicalize(name: str) -> str:
+    """A distribution name as pip compares it (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _build_wheels(folder: Path, project_dir: Path, target: Any, extras: tuple[str, ...],
                   extra_wheels: tuple[str | Path, ...], image: Any, allow_replace: tuple[str, ...],
                   log: Callable[[str], None]) -> tuple[Any, list[str], list[str]]:
@@ -879,13 +942,18 @@ def _build_wheels(folder: Path, project_dir: Path, target: Any, extras: tuple[st
     wheel = wheelhouse.build_wheel(project_dir, folder)
     fit = wheelhouse.fit_to_image(wheelhouse.lmsys_requirements(wheel, extras=extras, target=target), image,
                                   target, allow_replace)
-    exclude = wheelhouse.KAGGLE_SHIPS - {n.lower() for n in allow_replace}
+    exclude = wheelhouse.KAGGLE_SHIPS - {canonicalize(n) for n in allow_replace}
     report = wheelhouse.build_wheelhouse(folder, fit.requirements, target, exclude=exclude,
                                          extra_wheels=tuple(Path(p) for p in extra_wheels), log=log)
+    for extra in ("", *extras):  # what each notebook's install cell installs: `pip install -r` of its file
+        listing = fit.apply(wheelhouse.lmsys_requirements(wheel, extras=(extra,) if extra else (), target=target))
+        (folder / wheelhouse.requirements_file(extra)).write_text(
+            f"# lmsys_lib[{extra}] for {image.name} (lmsys kaggle build)\n" + "\n".join(listing) + "\n")
     misfits, unchecked = wheelhouse.replaced_by(report, image)
     manifest = wheelhouse.write_manifest(report, folder / "wheelhouse.json")
     data = json.loads(manifest.read_text(encoding="utf-8"))
-    data |= {"image": image.to_dict(), "chosen": fit.notes, "replaces": sorted(allow_replace)}
+    data |= {"image": image.to_dict(), "chosen": fit.notes, "replaces": sorted(allow_replace),
+             "image_problems": fit.problems + misfits}
     manifest.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log(report.summary())
     for line in fit.notes + [f"UNCHECKED {u}" for u in unchecked]:
@@ -946,11 +1014,13 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
     """Datasets first (``create`` when ``new``, else ``version``; always ``--dir-mode zip``: the default
     ``skip`` silently drops subfolders), each followed by a wait until Kaggle has processed it, then the kernels
     in dependency order; a kernel whose output a later pushed kernel reads is waited for (its run must be
-    over before the next one can attach its output). ``only``: notebook numbers ("05") or kernel slugs to push;
-    the datasets they attach come with them. A built kernel whose required parameter is empty is refused
-    (``ValueError``; ``check_required=False`` skips that, for a dry run): it would fail at once on Kaggle's GPU."""
+    over before the next one can attach its output). Which kernel reads which comes from the built
+    kernel-metadata.json (``kernel_sources``, the user's overlay included), else from the suite's table.
+    ``only``: notebook numbers ("05") or kernel slugs to push; the datasets they attach come with them. A built
+    kernel whose required parameter is empty is refused (``ValueError``; ``check_required=False`` skips that,
+    for a dry run): it would fail at once on Kaggle's GPU."""
     build_dir = Path(build_dir)
-    kernels = [k for k in kernel_order() if not only or k.slug in only or k.notebook[:2] in only]
+    kernels = [k for k in kernel_order(built_kernels(build_dir)) if not only or k.slug in only or k.notebook[:2] in only]
     if only and not kernels:
         raise ValueError(f"--only {only} matches no kernel; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
     if check_required:
@@ -958,6 +1028,8 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
     needed = {slug for k in kernels for slug in k.datasets} if only else {d.slug for d in SUITE_DATASETS}
     steps: list[PushStep] = []
     for spec in (d for d in SUITE_DATASETS if d.slug in needed):
+        if build_dir.is_dir() and not (build_dir / "datasets" / spec.slug / "dataset-metadata.json").is_file():
+            continue  # not built (no --run-dir: the student is not shipped this time)
         folder = str(build_dir / "datasets" / spec.slug)
         argv = (("kaggle", "datasets", "create", "-p", folder, "--dir-mode", "zip") if new else
                 ("kaggle", "datasets", "version", "-p", folder, "-m", message, "--dir-mode", "zip"))
@@ -973,6 +1045,20 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
                                   f"wait until kernel {k.slug} has run: {', '.join(readers)} reads its output",
                                   wait="kernel", logs=str(build_dir / "logs" / k.slug)))
     return steps
+
+
+def built_kernels(build_dir: Path) -> tuple[KernelSpec, ...]:
+    """The suite's kernels, each reading the kernels its built metadata lists (``kernel_sources``: the
+    generated ones plus any the user added), or the table's when it is not built."""
+    out = []
+    for spec in SUITE_KERNELS:
+        path = build_dir / "kernels" / spec.slug / "kernel-metadata.json"
+        sources = spec.kernels
+        if path.is_file():
+            listed = json.loads(path.read_text(encoding="utf-8")).get("kernel_sources") or []
+            sources = tuple(str(ref).split("/")[-1] for ref in listed)
+        out.append(dataclasses.replace(spec, kernels=sources))
+    return tuple(out)
 
 
 def _check_required(build_dir: Path, kernels: list[KernelSpec]) -> None:
@@ -996,25 +1082,32 @@ def _run_cli(argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True)
 
 
+# What kaggle 2.x prints, exit code 0, when a push or an upload did not happen.
+PUSH_FAILED = ("Kernel push error", "Dataset version creation error", "Dataset creation error",
+               "could not be added to the kernel", "Default slug detected")
+
+
 def push(steps: list[PushStep], dry_run: bool = True, poll_s: float = 15.0, timeout_s: float = 3600.0,
          kernel_timeout_s: float = 13 * 3600.0, log: Callable[[str], None] = print, runner: Runner = _run_cli,
-         sleep: Callable[[float], None] = time.sleep) -> int:
+         sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> int:
     """Print every command; unless ``dry_run``, run them in order with the ``kaggle`` CLI (which reads the
     credentials itself — nothing here reads or writes them). ``runner`` runs one argv (the real CLI by
-    default). Stops at the first failure; returns its exit code."""
+    default). A command fails on a non-zero exit or on the lines the CLI prints, exit 0, when nothing was
+    pushed (``PUSH_FAILED``). Stops at the first failure; returns its exit code."""
     for step in steps:
         log(f"# {step.what}\n{step}")
     if dry_run:
         return 0
     for step in steps:
         if step.wait:
-            code = _wait(step, poll_s, kernel_timeout_s if step.wait == "kernel" else timeout_s, log, runner, sleep)
+            code = _wait(step, poll_s, kernel_timeout_s if step.wait == "kernel" else timeout_s, log, runner, sleep,
+                         clock)
         else:
+            log(f"$ {step}")
             proc = runner(step.argv)
-            log((proc.stdout or "").strip())
-            code = proc.returncode
-            if code:
-                log((proc.stderr or "").strip())
+            text = "\n".join(t for t in ((proc.stdout or "").strip(), (proc.stderr or "").strip()) if t)
+            log(text)
+            code = proc.returncode or (1 if any(marker in text for marker in PUSH_FAILED) else 0)
         if code:
             log(f"failed ({code}): {step}")
             return code
@@ -1023,50 +1116,95 @@ def push(steps: list[PushStep], dry_run: bool = True, poll_s: float = 15.0, time
 
 _STATUS = re.compile(r'has status "([^"]+)"')
 KERNEL_DONE, KERNEL_FAILED = {"complete"}, {"error", "cancel_requested", "cancel_acknowledged"}
-KERNEL_GRACE_S = 120.0  # a final status is trusted before the new run was seen queued/running only after this
+KERNEL_ACTIVE = {"queued", "running", "new_script"}
+DATASET_FAILED = ("error", "failed", "deleted")
+# Right after a push, `status` may still report the previous version's run: a final status counts only once
+# the new run was seen queued or running; never seen so within this many seconds is a failure.
+KERNEL_GRACE_S = 600.0
+STATUS_RETRIES = 5  # consecutive failed `status` calls (network, 429, 5xx) tolerated during a long wait
 
 
 def _wait(step: PushStep, poll_s: float, timeout_s: float, log: Callable[[str], None], runner: Runner,
-          sleep: Callable[[float], None]) -> int:
+          sleep: Callable[[float], None], clock: Callable[[], float]) -> int:
     """Poll ``step`` until ready (0), failed (1, a kernel's log fetched and printed) or ``timeout_s`` (1)."""
-    waited, active = 0.0, False  # right after a push, `status` may still report the previous version's run
-    while waited <= timeout_s:
+    start, active, failures = clock(), False, 0
+    while clock() - start <= timeout_s:
         proc = runner(step.argv)
         if proc.returncode:
-            log((proc.stderr or proc.stdout or "").strip())
-            return proc.returncode
-        text = (proc.stdout or "").strip()
-        if step.wait == "dataset":
-            state = "done" if "ready" in text.lower() else "failed" if "error" in text.lower() else "waiting"
-        else:
-            found = _STATUS.search(text)
-            status = found.group(1).rsplit(".", 1)[-1].lower() if found else ""
-            state = "done" if status in KERNEL_DONE else "failed" if status in KERNEL_FAILED else "waiting"
-            active = active or status in ("queued", "running")
-            if state != "waiting" and not active and waited < KERNEL_GRACE_S:
-                state = "waiting"  # not seen queued or running yet: maybe the old version's status
-        if state == "done":
-            log(f"{step.argv[-1]}: {text}")
-            return 0
-        if state == "failed":
-            log(f"{step.argv[-1]}: {text}")
-            if step.wait == "kernel":
+            failures += 1
+            log(f"{shlex.join(step.argv)}: exit {proc.returncode} ({failures}/{STATUS_RETRIES}): "
+                + (proc.stderr or proc.stdout or "").strip()[-300:])
+            if failures >= STATUS_RETRIES:
+                return proc.returncode
+            sleep(poll_s * failures)  # back off
+            continue
+        failures = 0
+        state, active = _state(step, (proc.stdout or "").strip(), active, clock() - start)
+        if state != "waiting":
+            log(f"{step.argv[-1]}: {(proc.stdout or '').strip()}" + (f" — {state}" if state != "done" else ""))
+            if state != "done" and step.wait == "kernel":
                 _print_kernel_log(step, log, runner)
-            return 1
+            return 0 if state == "done" else 1
         sleep(poll_s)
-        waited += poll_s
     log(f"{step.argv[-1]} not done after {timeout_s:.0f} s ({shlex.join(step.argv)} to look again)")
     return 1
 
 
+def _state(step: PushStep, text: str, active: bool, waited: float) -> tuple[str, bool]:
+    """("done" | "waiting" | a failure's reason, whether the new run or upload has been seen in progress)."""
+    if step.wait == "dataset":
+        status = text.lower().split()[-1] if text else ""
+        if any(word in status for word in DATASET_FAILED):
+            return f"the upload {status}", active
+        active = active or status not in ("ready", "")
+        done = status == "ready" and (active or waited >= 60.0)  # a fresh version may still report the old one
+        return ("done" if done else "waiting"), active
+    found = _STATUS.search(text)
+    status = found.group(1).rsplit(".", 1)[-1].lower() if found else ""
+    active = active or status in KERNEL_ACTIVE
+    if status in KERNEL_DONE | KERNEL_FAILED and not active:
+        if waited < KERNEL_GRACE_S:
+            return "waiting", active  # perhaps the previous version's final status
+        return (f"never seen queued or running within {KERNEL_GRACE_S:.0f} s: the new version did not start "
+                "(look at it on kaggle.com)"), active
+    if status in KERNEL_DONE:
+        return "done", active
+    if status in KERNEL_FAILED:
+        return f"the run ended {status}", active
+    return "waiting", active
+
+
 def _print_kernel_log(step: PushStep, log: Callable[[str], None], runner: Runner) -> None:
-    """``kaggle kernels output`` into ``step.logs`` (its files and its log), then the log's last lines."""
+    """The failed kernel's log (``kaggle kernels logs``; its JSON records read as text) — its last lines
+    printed, the whole saved to ``step.logs`` — and its log files (``kaggle kernels output … --file-pattern``,
+    not its model files)."""
     kernel = step.argv[-1]
-    Path(step.logs).mkdir(parents=True, exist_ok=True)
-    proc = runner(("kaggle", "kernels", "output", kernel, "-p", step.logs, "-o"))
-    logs = sorted(Path(step.logs).glob("*.log"))
-    text = logs[0].read_text(encoding="utf-8", errors="replace") if logs else ""
+    folder = Path(step.logs)
+    folder.mkdir(parents=True, exist_ok=True)
+    runner(("kaggle", "kernels", "output", kernel, "-p", str(folder), "-o", "--file-pattern", r"\.(log|txt)$"))
+    proc = runner(("kaggle", "kernels", "logs", kernel))
+    text = log_text(proc.stdout or "") if not proc.returncode else ""
     if not text:
-        text = (runner(("kaggle", "kernels", "logs", kernel)).stdout or "") if not proc.returncode else ""
+        named = folder / f"{kernel.split('/')[-1]}.log"
+        text = log_text(named.read_text(encoding="utf-8", errors="replace")) if named.is_file() else ""
+    (folder / "kernel.log").write_text(text, encoding="utf-8")
     tail = "\n".join(text.strip().splitlines()[-40:]) or "(no log came back)"
-    log(f"--- {kernel}: the end of its log (its output: {step.logs}) ---\n{tail}")
+    log(f"--- {kernel}: the end of its log (all of it: {folder / 'kernel.log'}) ---\n{tail}")
+
+
+def log_text(raw: str) -> str:
+    """A kernel log as text: Kaggle stores it as a JSON list of ``{"stream_name", "time", "data"}`` records
+    (or one record per line); anything else is returned as it is."""
+    stripped = raw.strip()
+    records: list[Any] = []
+    try:
+        parsed = json.loads(stripped) if stripped else []
+        records = parsed if isinstance(parsed, list) else [parsed]
+    except json.JSONDecodeError:
+        try:
+            records = [json.loads(line.rstrip(",")) for line in stripped.splitlines() if line.strip() not in "[]"]
+        except json.JSONDecodeError:
+            return raw
+    if not all(isinstance(r, dict) and "data" in r for r in records):
+        return raw
+    return "".join(str(r["data"]) for r in records)

@@ -130,7 +130,7 @@ KAGGLE_IMAGE = Image(
         "torch": ("2.10", f"inferred: {_DOCKER} kaggle_requirements.txt pins torchcodec==0.10.0 'compatible with "
                           "torch version', and torchcodec pairs 0.10 with torch 2.10"),
         "protobuf": ("5.29.5", f"{_DOCKER} Dockerfile.tmpl force-reinstalls protobuf==5.29.5 (b/468367647)"),
-        "setuptools": ("81", f"{_DOCKER} Dockerfile.tmpl: setuptools>=70.0,<82 (the newest allowed)"),
+        "setuptools": (None, f"{_DOCKER} Dockerfile.tmpl: setuptools>=70.0,<82 (a range, not a version)"),
         "transformers": (None, f"{_DOCKER} kaggle_requirements.txt asks transformers>=5.0.0; the version "
                                "installed comes from Colab's base image"),
         "numpy": (None, "Colab's base image (not in Kaggle's build files)"),
@@ -203,9 +203,11 @@ def choose_version(name: str, versions: Iterable[str], requirements_of: Callable
     return VersionChoice(name, None, rejected, [])
 
 
-def index_versions(name: str) -> list[str]:
-    """The releases of ``name`` on the package index (``pip index versions``)."""
-    out = _run(_pip("index", "versions", name), f"pip index versions {name}").stdout
+def index_versions(name: str, target: Target | None = None) -> list[str]:
+    """The releases of ``name`` on the package index that have a file for ``target`` (``pip index versions``
+    with the target's interpreter and platform)."""
+    args = target.pip_args() if target else []
+    out = _run(_pip("index", "versions", name, *args), f"pip index versions {name}").stdout
     found = re.search(r"Available versions:\s*(.+)", out)
     return [v.strip() for v in found.group(1).split(",")] if found else []
 
@@ -233,16 +235,22 @@ class ImageFit:
     requirements: list[str]
     notes: list[str]
     problems: list[str]
+    pins: dict[str, str] = dataclasses.field(default_factory=dict)  # name → the chosen "name==version"
+
+    def apply(self, requirements: Sequence[str]) -> list[str]:
+        """``requirements`` with the chosen pins in place of the names they re-pin."""
+        return [self.pins.get(canonicalize_name(Requirement(r).name), r) for r in requirements]
 
 
 def fit_to_image(requirements: Sequence[str], image: Image, target: Target, allow_replace: Iterable[str] = (),
-                 versions_of: Callable[[str], list[str]] = index_versions,
+                 versions_of: Callable[[str, Target], list[str]] = index_versions,
                  requirements_for: Callable[[str, Target], Callable[[str], list[str] | None]] = index_requirements,
                  choosable: Sequence[str] = CHOOSABLE) -> ImageFit:
     """Re-pin each ``choosable`` requirement to the newest release whose own requirements ``image`` satisfies
     (``choose_version``); a name with no such release is a problem that names each release's misfit. Names in
     ``allow_replace`` are not held against a release (they will be shipped, replacing the image's)."""
     replace = {canonicalize_name(n) for n in allow_replace}
+    pins: dict[str, str] = {}
     if replace & REFUSED:
         raise ValueError(f"--allow-replace {sorted(replace & REFUSED)}: the image's CUDA torch is never replaced")
     shipped = set(KAGGLE_SHIPS) - replace
@@ -253,7 +261,7 @@ def fit_to_image(requirements: Sequence[str], image: Image, target: Target, allo
         if name not in choosable:
             fitted.append(text)
             continue
-        choice = choose_version(name, versions_of(name), requirements_for(name, target), image, target,
+        choice = choose_version(name, versions_of(name, target), requirements_for(name, target), image, target,
                                 shipped=shipped)
         if choice.version is None:
             problems.append(choice.explain() + " — build for a newer image (--image, from a kernel's "
@@ -261,10 +269,10 @@ def fit_to_image(requirements: Sequence[str], image: Image, target: Target, allo
                             "it then replaces the image's copy in that kernel)")
             fitted.append(text)
             continue
-        fitted.append(f"{req.name}=={choice.version}")
+        fitted.append(pins.setdefault(name, f"{req.name}=={choice.version}"))
         notes.append(f"chose {choice.explain()}" + (f"; unchecked: {', '.join(choice.unchecked)}"
                                                       if choice.unchecked else ""))
-    return ImageFit(fitted, notes, problems)
+    return ImageFit(fitted, notes, problems, pins)
 
 
 def replaced_by(report: WheelhouseReport, image: Image) -> tuple[list[str], list[str]]:
@@ -291,8 +299,10 @@ def live_image(names: Iterable[str] | None = None) -> Image:
     ``lmsys kaggle build --image`` takes."""
     from importlib import metadata
 
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()
-                 if d.metadata["Name"]}
+    installed: dict[str, str] = {}
+    for dist in metadata.distributions():  # sys.path order: the first of a name is the one imported
+        if dist.metadata["Name"]:
+            installed.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
     wanted = sorted(names or KAGGLE_SHIPS)
     found = {n: v for n, v in installed.items() if any(fnmatch.fnmatchcase(n, w) for w in wanted)}
     where = f"read on {platform.node() or 'this machine'} with importlib.metadata"
@@ -301,10 +311,38 @@ def live_image(names: Iterable[str] | None = None) -> Image:
                  packages={n: (v, where) for n, v in sorted(found.items())})
 
 
-def check_live(wheelhouse_dir: str | Path | None, log: Callable[[str], None] = print) -> Image | None:
+def requirements_file(extra: str = "") -> str:
+    """The file in the wheelhouse listing what ``lmsys_lib[extra]`` needs (the chosen pins applied)."""
+    return f"requirements-{extra}.txt" if extra else "requirements.txt"
+
+
+def _needs_for(manifest: dict[str, Any], requested: set[str]) -> dict[str, list[list[str]]]:
+    """``image_needs`` restricted to what installing ``requested`` pulls in (the manifest's requirer graph)."""
+    children: dict[str, set[str]] = {}
+    for f in manifest.get("files", []):
+        for parent in f.get("required_by", []):
+            children.setdefault(canonicalize_name(parent) if not parent.startswith("(") else parent,
+                                set()).add(canonicalize_name(f["name"]))
+    seen, todo = set(requested), list(requested)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    out: dict[str, list[list[str]]] = {}
+    for name, needs in manifest.get("image_needs", {}).items():
+        kept = [n for n in needs if canonicalize_name(n[0]) in seen or (n[0] == REQUESTED and name in requested)]
+        if kept:
+            out[name] = kept
+    return out
+
+
+def check_live(wheelhouse_dir: str | Path | None, extra: str | None = None,
+               log: Callable[[str], None] = print) -> Image | None:
     """A kernel's first check: print this machine's versions (Python, the shipped packages) as JSON, then
     compare them with what the wheelhouse in ``wheelhouse_dir`` was built to rely on (``wheelhouse.json``:
-    the Python it targets and every requirement on a package it left to the image). Raises ``ImageMismatch``
+    the Python it targets and every requirement on a package it left to the image — of ``lmsys_lib[extra]``
+    only when ``extra`` is given: "" the base, "train", "quantize"). Raises ``ImageMismatch``
     naming each mismatch — in seconds, before any model loads. Without the folder (not on Kaggle) it says so
     and returns None."""
     folder = Path(wheelhouse_dir) if wheelhouse_dir else None
@@ -320,7 +358,13 @@ def check_live(wheelhouse_dir: str | Path | None, log: Callable[[str], None] = p
     if wanted_python and not live.python.startswith(wanted_python + "."):
         problems.append(f"Python {live.python}, but the wheelhouse was built for {wanted_python} "
                         f"(lmsys kaggle build --python {'.'.join(live.python.split('.')[:2])})")
-    for name, needs in sorted(built.get("image_needs", {}).items()):
+    needs_of = built.get("image_needs", {})
+    listing = folder / requirements_file(extra or "")
+    if extra is not None and listing.is_file():
+        requested = {canonicalize_name(Requirement(line).name) for line in listing.read_text().splitlines()
+                     if line.strip() and not line.startswith("#")}
+        needs_of = _needs_for(built, requested)
+    for name, needs in sorted(needs_of.items()):
         have = live.version(name)
         for requirer, spec in needs:
             if have is None and not name.endswith("*"):

@@ -43,9 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_committed_metadata_is_what_the_generator_writes_and_validates(tmp_path):
-    for folder in ("kernel-metadata", "datasets-metadata"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
-    written = kaggle.write_repo_metadata(tmp_path)  # the committed files, with any edits kept, regenerated
+    written = kaggle.write_repo_metadata(tmp_path, reset=True)  # what the generator writes today, no edits
     for path in written:
         committed = ROOT / path.relative_to(tmp_path)
         assert json.loads(committed.read_text()) == json.loads(path.read_text()), f"{committed} is stale: lmsys kaggle metadata"
@@ -250,6 +248,9 @@ def test_kaggle_build_command_ships_the_wheel_and_the_wheelhouse(tmp_path):
     assert "torch" in manifest["excluded"] and "transformers" in manifest["excluded"]
     assert manifest["image"]["name"].startswith("live:") and "chose gptqmodel 7.6.0" in manifest["chosen"][0]
     assert ["gptqmodel", ">=2.8.0"] in manifest["image_needs"]["torch"]  # what the kernel's first cell checks
+    listing = (wheels / "requirements-quantize.txt").read_text().splitlines()  # what notebooks 04/05 install
+    assert "gptqmodel==7.6.0" in listing and not any(line.startswith("peft") for line in listing)
+    assert (wheels / "requirements.txt").is_file() and (wheels / "requirements-train.txt").is_file()
     assert kaggle.validate_tree(out, for_push=True) == []
     dry = subprocess.run([sys.executable, "-m", "lmsys_lib", "kaggle", "push", "--dry-run", "--build", str(out)],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -302,8 +303,32 @@ def test_an_edit_to_committed_metadata_survives_build_and_metadata_and_validates
     assert kaggle.validate_tree(tmp_path / "build", for_push=True, client=True) == []
     kaggle.write_repo_metadata(project)  # `lmsys kaggle metadata` keeps the edit …
     assert json.loads(path.read_text())["model_sources"] == [GEMMA_MODEL]
+    kaggle.write_repo_metadata(project, user="alice")  # … also written for a user: building for bob is no edit
+    assert json.loads(path.read_text())["id"] == "alice/arena-distill-05-inference-2xt4"
+    kaggle.build(tmp_path / "build", "bob", project, wheels=False)
+    built = json.loads((tmp_path / "build" / "kernels" / "arena-distill-05-inference-2xt4" /
+                        "kernel-metadata.json").read_text())
+    assert built["id"] == "bob/arena-distill-05-inference-2xt4" and built["model_sources"] == [GEMMA_MODEL]
+    assert built["dataset_sources"][:2] == ["bob/arena-distill-wheels", "bob/arena-distill-student-gptq"]
     kaggle.write_repo_metadata(project, reset=True)  # … and --reset drops it
     assert json.loads(path.read_text())["model_sources"] == []
+
+
+def test_a_source_or_key_the_user_removed_stays_removed(tmp_path):
+    project = _project(tmp_path)
+    path = project / "kernel-metadata" / "arena-distill-05-inference-2xt4" / "kernel-metadata.json"
+    meta = json.loads(path.read_text())
+    meta["dataset_sources"].remove("your-kaggle-username/arena-distill-student-gptq")  # the model comes from 04
+    meta["kernel_sources"].append("your-kaggle-username/arena-distill-04-quantization")
+    del meta["model_sources"]
+    path.write_text(json.dumps(meta))
+    kaggle.build(tmp_path / "build", "alice", project, wheels=False)
+    built = json.loads((tmp_path / "build" / "kernels" / "arena-distill-05-inference-2xt4" /
+                        "kernel-metadata.json").read_text())
+    assert built["dataset_sources"] == ["alice/arena-distill-wheels"] and "model_sources" not in built
+    assert built["kernel_sources"] == ["alice/arena-distill-04-quantization"]
+    steps = kaggle.push_plan(tmp_path / "build", "alice", only=("04", "05"), check_required=False)
+    assert [s.argv[-1] for s in steps if s.wait == "kernel"] == ["alice/arena-distill-04-quantization"]
 
 
 def test_a_broken_edit_is_refused_by_our_checks_and_by_the_real_client(tmp_path):
@@ -441,22 +466,39 @@ def test_build_injects_parameters_and_push_refuses_an_empty_required_one(tmp_pat
 
 
 class _FakeKaggle:
-    """The `kaggle` CLI's argument shapes and output lines, scripted: `kernels status` answers in turn."""
+    """The `kaggle` CLI's argument shapes and output lines, scripted: `kernels status` answers in turn; time
+    passes only when the push loop sleeps."""
 
-    def __init__(self, statuses: dict[str, list[str]], log_text: str = ""):
-        self.statuses, self.calls, self.log_text = statuses, [], log_text
+    def __init__(self, statuses: dict[str, list[str]], log_text: str = "", push_out: str = ""):
+        self.statuses, self.calls, self.log_text, self.push_out, self.now = statuses, [], log_text, push_out, 0.0
 
     def __call__(self, argv):
         self.calls.append(argv)
-        out = ""
+        out, code = "", 0
         if argv[1:3] == ("kernels", "status"):
-            out = f'{argv[3]} has status "KernelWorkerStatus.{self.statuses[argv[3]].pop(0).upper()}"'
+            status = self.statuses[argv[3]].pop(0)
+            if status == "blip":
+                return subprocess.CompletedProcess(argv, 1, "", "503 Service Unavailable")
+            out = f'{argv[3]} has status "KernelWorkerStatus.{status.upper()}"'
         elif argv[1:3] == ("datasets", "status"):
             out = "ready"
-        elif argv[1:3] == ("kernels", "output"):
-            folder = Path(argv[argv.index("-p") + 1])
-            (folder / f"{argv[3].split('/')[1]}.log").write_text(self.log_text)
-        return subprocess.CompletedProcess(argv, 0, out, "")
+        elif argv[1:3] == ("kernels", "push"):
+            out = self.push_out or "Kernel version 3 successfully pushed.  Please check progress at https://…"
+        elif argv[1:3] == ("kernels", "logs"):
+            out = json.dumps([{"stream_name": "stdout", "time": 1.0, "data": line + "\n"}
+                              for line in self.log_text.splitlines()])
+        return subprocess.CompletedProcess(argv, code, out, "")
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+    def clock(self):
+        return self.now
+
+
+def _push(steps, fake, lines=None, poll_s=60.0):
+    log = lines.append if lines is not None else (lambda _: None)
+    return kaggle.push(steps, dry_run=False, poll_s=poll_s, log=log, runner=fake, sleep=fake.sleep, clock=fake.clock)
 
 
 def test_push_waits_for_each_kernel_whose_output_the_next_reads(tmp_path):
@@ -466,16 +508,27 @@ def test_push_waits_for_each_kernel_whose_output_the_next_reads(tmp_path):
     waits = [s.argv[-1] for s in steps if s.wait == "kernel"]
     assert waits == ["alice/arena-distill-01-teacher-training", "alice/arena-distill-02-distillation",
                      "alice/arena-distill-03-lora-merge"]  # 04 and 05 feed no kernel
+    assert not any("student-gptq" in str(s) for s in steps)  # not built (no --run-dir): not pushed
     order = [str(s) for s in steps]
     assert order.index("kaggle kernels status alice/arena-distill-01-teacher-training") < \
         order.index(f"kaggle kernels push -p {tmp_path / 'b' / 'kernels' / 'arena-distill-02-distillation'}")
-    fake = _FakeKaggle({w: ["complete", "queued", "running", "running", "complete"] if "01" in w else
-                        ["running", "complete"] for w in waits})
-    slept: list[float] = []
-    assert kaggle.push(steps, dry_run=False, poll_s=60, log=lambda _: None, runner=fake, sleep=slept.append) == 0
+    fake = _FakeKaggle({waits[0]: ["complete", "queued", "blip", "running", "complete"],  # the old run's status first
+                        waits[1]: ["running", "complete"], waits[2]: ["running", "complete"]})
+    assert _push(steps, fake) == 0
     assert [c[1:3] for c in fake.calls].count(("kernels", "push")) == 6
-    assert len(slept) == 4 + 1 + 1  # 01: the stale "complete" (ignored), queued, running ×2; 02, 03: running
-    assert fake.statuses[waits[0]] == []
+    assert fake.statuses[waits[0]] == []  # the stale "complete" did not end the wait; one failed call was retried
+
+
+def test_a_kernel_never_seen_running_or_a_push_that_prints_an_error_stops_the_chain(tmp_path):
+    params = {"01": {"model_dir": "/kaggle/input/m"}, "02": {"model_dir": "/kaggle/input/m"}}
+    kaggle.build(tmp_path / "b", "alice", _project(tmp_path), wheels=False, params=params)
+    steps = kaggle.push_plan(tmp_path / "b", "alice", only=("01", "02"))
+    fake = _FakeKaggle({"alice/arena-distill-01-teacher-training": ["complete"] * 20})
+    lines: list[str] = []
+    assert _push(steps, fake, lines) == 1 and any("never seen queued or running" in line for line in lines)
+    fake = _FakeKaggle({}, push_out="Kernel push error: Notebook not found")  # kaggle 2.x exits 0 here
+    assert _push(steps, fake) == 1
+    assert [c[1:3] for c in fake.calls].count(("kernels", "push")) == 1  # nothing after it
 
 
 def test_a_failed_upstream_kernel_stops_the_push_and_prints_its_log(tmp_path):
@@ -485,8 +538,50 @@ def test_a_failed_upstream_kernel_stops_the_push_and_prints_its_log(tmp_path):
     fake = _FakeKaggle({"alice/arena-distill-01-teacher-training": ["running", "error"]},
                        log_text="cell 4\nCUDA out of memory\n")
     lines: list[str] = []
-    assert kaggle.push(steps, dry_run=False, log=lines.append, runner=fake, sleep=lambda s: None) == 1
-    assert ("kaggle", "kernels", "output", "alice/arena-distill-01-teacher-training", "-p",
-            str(tmp_path / "b" / "logs" / "arena-distill-01-teacher-training"), "-o") in fake.calls
-    assert any("CUDA out of memory" in line for line in lines)
+    assert _push(steps, fake, lines) == 1
+    logs = tmp_path / "b" / "logs" / "arena-distill-01-teacher-training"
+    assert ("kaggle", "kernels", "output", "alice/arena-distill-01-teacher-training", "-p", str(logs), "-o",
+            "--file-pattern", r"\.(log|txt)$") in fake.calls  # its logs, not its model files
+    assert any(line.endswith("cell 4\nCUDA out of memory") for line in lines)  # the JSON records read as text
+    assert (logs / "kernel.log").read_text() == "cell 4\nCUDA out of memory\n"
     assert not any(c[1:3] == ("kernels", "push") and c[-1].endswith("02-distillation") for c in fake.calls)
+
+
+def test_the_submission_kernel_takes_the_model_from_04s_output_when_the_student_is_not_attached(tmp_path):
+    inputs = tmp_path / "input"
+    quantized = inputs / "arena-distill-04-quantization" / "runs" / "teacher" / "quantized"
+    quantized.mkdir(parents=True)
+    (quantized / "config.json").write_text("{}")
+    lines: list[str] = []
+    student = "/kaggle/input/arena-distill-student-gptq"
+    got = kaggle.chain_model(student, "arena-distill-04-quantization", env="kaggle", input_root=inputs,
+                             log=lines.append)
+    assert got == str(quantized) and "is not attached" in lines[0]
+    assert kaggle.chain_model(tmp_path, "x", env="kaggle", input_root=inputs, log=lines.append) == str(tmp_path)
+    assert kaggle.chain_model("zoo:smollm2-135m", "x", env="local", log=lines.append) == "zoo:smollm2-135m"
+    with pytest.raises(FileNotFoundError, match="attach the student dataset"):
+        kaggle.chain_model(student, "arena-distill-04-quantization", env="local", log=lines.append)
+
+
+def test_links_into_a_kernel_not_attached_are_reported_and_copies_are_whole(tmp_path, monkeypatch):
+    inputs = tmp_path / "input"
+    source = _kernel_output(inputs, "arena-distill-03-lora-merge")
+    (source / "merged").mkdir()
+    (source / "merged" / "model.safetensors").symlink_to(tmp_path / "gone" / "model.safetensors")  # 02's, not here
+    lines: list[str] = []
+    run = tmp_path / "working" / "teacher"
+    kaggle.chain_run(run, "arena-distill-03-lora-merge", env="kaggle", input_root=inputs, log=lines.append)
+    assert any("1 files of arena-distill-03-lora-merge's output are links" in line and "merged/model.safetensors"
+               in line for line in lines)
+    assert not list(run.rglob("*.partial")) and (run / "teachers" / "t" / "big.safetensors").stat().st_size == 5000
+
+
+def test_dataset_waits_and_parameter_values():
+    step = kaggle.PushStep(("kaggle", "datasets", "status", "alice/x"), "wait", wait="dataset")
+    assert kaggle._state(step, "failed", False, 0.0)[0] == "the upload failed"
+    assert kaggle._state(step, "ready", False, 0.0) == ("waiting", False)  # maybe the previous version's
+    assert kaggle._state(step, "ready", True, 0.0)[0] == "done" and kaggle._state(step, "ready", False, 61)[0] == "done"
+    assert kaggle.parse_params(["05:time_budget=NaN", "05:tta=false", "05:devices=cpu:2"]) == \
+        {"05": {"time_budget": "NaN", "tta": False, "devices": "cpu:2"}}
+    assert kaggle.log_text("plain text\n") == "plain text\n"
+    assert kaggle.log_text('{"stream_name": "stderr", "time": 2, "data": "Traceback"}\n') == "Traceback"

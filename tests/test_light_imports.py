@@ -32,3 +32,14 @@ def test_packing_with_a_tokenizer_still_does_not_import_torch(synth_dir):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_image_check_loads_neither_numpy_nor_pandas():
+    """A kernel's first cell imports `lmsys_lib.wheelhouse` before the install that may upgrade numpy: the package
+    root resolves its re-exports lazily, so nothing of numpy or pandas is loaded yet."""
+    code = ("import sys\nfrom lmsys_lib import wheelhouse\n"
+            "assert not [m for m in ('numpy', 'pandas', 'torch') if m in sys.modules]\n"
+            "import lmsys_lib\nassert lmsys_lib.log_loss([[1, 0, 0]], [[0.8, 0.1, 0.1]]) > 0\n"
+            "from lmsys_lib import *\nassert callable(read_competition) and Packer\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -401,10 +401,10 @@ def test_gptqmodel_is_chosen_for_the_image_table():
     newest = _image(torch="2.15.0", protobuf="7.40", numpy="2.5.4", transformers="5.30", accelerate="1.16")
     assert wheelhouse.choose_version("gptqmodel", GPTQMODEL, GPTQMODEL.get, newest, target).version == "7.7.0"
     fit = wheelhouse.fit_to_image(["gptqmodel==7.6.0", "optimum>=2.0"], kaggle, target,
-                                  versions_of=lambda name: list(GPTQMODEL), requirements_for=lambda n, t: GPTQMODEL.get)
+                                  versions_of=lambda name, t: list(GPTQMODEL), requirements_for=lambda n, t: GPTQMODEL.get)
     assert fit.requirements == ["gptqmodel==7.6.0", "optimum>=2.0"] and "no gptqmodel release fits" in fit.problems[0]
     fit = wheelhouse.fit_to_image(["gptqmodel==7.6.0"], kaggle, target, allow_replace=("protobuf",),
-                                  versions_of=lambda name: list(GPTQMODEL), requirements_for=lambda n, t: GPTQMODEL.get)
+                                  versions_of=lambda name, t: list(GPTQMODEL), requirements_for=lambda n, t: GPTQMODEL.get)
     assert fit.requirements == ["gptqmodel==7.6.0"] and not fit.problems and "chose gptqmodel 7.6.0" in fit.notes[0]
     with pytest.raises(ValueError, match="never replaced"):
         wheelhouse.fit_to_image([], kaggle, target, allow_replace=("torch",))
@@ -449,3 +449,25 @@ def test_the_live_check_fails_in_seconds_with_the_exact_mismatch(tmp_path):
     with pytest.raises(wheelhouse.ImageMismatch, match=r"Python .*built for 3\.99.*optimum needs packaging>=999; "
                                                         r"this image has"):
         wheelhouse.check_live(tmp_path, log=lambda line: None)
+
+
+def test_the_live_check_of_one_extra_ignores_what_another_extra_needs(tmp_path):
+    """Notebook 00 installs `lmsys_lib[]`: a gptqmodel requirement on the image (the quantize extra's) is not its."""
+    manifest = {"target": {"python_version": ".".join(platform.python_version().split(".")[:2])},
+                "files": [{"name": "gptqmodel", "required_by": ["(requested)"]},
+                          {"name": "logbar", "required_by": ["gptqmodel"]}],
+                "image_needs": {"packaging": [["logbar", ">=999"]], "pyyaml": [["(requested)", ">=1"]]}}
+    (tmp_path / "wheelhouse.json").write_text(json.dumps(manifest))
+    (tmp_path / "requirements.txt").write_text("# base\npyyaml>=1\n")
+    (tmp_path / "requirements-quantize.txt").write_text("pyyaml>=1\ngptqmodel==7.6.0\n")
+    assert wheelhouse.check_live(tmp_path, extra="", log=lambda line: None) is not None
+    with pytest.raises(wheelhouse.ImageMismatch, match="logbar needs packaging>=999"):
+        wheelhouse.check_live(tmp_path, extra="quantize", log=lambda line: None)
+    with pytest.raises(wheelhouse.ImageMismatch, match="logbar needs packaging>=999"):
+        wheelhouse.check_live(tmp_path, log=lambda line: None)  # no extra named: everything the folder relies on
+
+
+def test_the_chosen_pin_replaces_the_wheels_own_in_every_requirements_file():
+    fit = wheelhouse.ImageFit(["gptqmodel==7.7.0"], [], [], {"gptqmodel": "gptqmodel==7.7.0"})
+    assert fit.apply(["numpy>=1.26", "gptqmodel==7.6.0", "optimum>=2.0"]) == \
+        ["numpy>=1.26", "gptqmodel==7.7.0", "optimum>=2.0"]
