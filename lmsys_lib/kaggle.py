@@ -214,7 +214,7 @@ def _bring(source: Path, dest: Path) -> tuple[int, int, list[str]]:
             dangling.append(str(file.relative_to(source)))
             continue
         target = dest / file.relative_to(source)
-        if not file.is_file() or target.exists() or target.is_symlink():
+        if not file.is_file() or file.name.endswith(".partial") or target.exists() or target.is_symlink():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if file.stat().st_size > LINK_ABOVE:
@@ -237,15 +237,21 @@ def chain_model(model_dir: str | Path, upstream: str, env: str | None = None,
     if Path(text).is_dir() or (not Path(text).is_absolute()):  # a folder, or a zoo: / hub name
         log(f"model: {text}")
         return text
-    output = kernel_output_dir(upstream, input_root) if (env or detect_env()) == "kaggle" else None
+    on_kaggle = (env or detect_env()) == "kaggle"
+    nested = kernel_output_dir(Path(text).name, input_root) if on_kaggle and text.startswith(str(KAGGLE_INPUT)) \
+        else None  # the dataset attached, in a newer, nested input layout
+    if nested is not None:
+        log(f"model: {nested}")
+        return str(nested)
+    output = kernel_output_dir(upstream, input_root) if on_kaggle else None
     if output is not None:
         runs = sorted(p.parent for p in output.rglob("quantized/config.json"))
         if len(runs) == 1:
             log(f"model: {runs[0]} (kernel {upstream}'s output; {text} is not attached)")
             return str(runs[0])
-        if runs:
-            raise FileNotFoundError(f"{output}: several quantised models ({', '.join(map(str, runs))}): set "
-                                    "model_dir to the one to score with")
+        found = f"several quantised models ({', '.join(map(str, runs))}): set model_dir to the one to score with" \
+            if runs else f"no quantized/ in it (did {upstream} finish?)"
+        raise FileNotFoundError(f"{output}: {found}")
     raise FileNotFoundError(f"model folder {text} does not exist: attach the student dataset "
                             f"({STUDENT.slug}) or the kernel {upstream} (kernel_sources), or set model_dir")
 
@@ -483,7 +489,8 @@ def dataset_template(spec: DatasetSpec) -> dict[str, Any]:
 
 def user_edits(committed: dict[str, Any] | None, template: dict[str, Any]) -> dict[str, Any]:
     """The user's edits of a committed metadata file: every key whose value differs from the template (a list
-    whole: entries added or removed), and ``REMOVED`` for a template key the user deleted. The owner the file
+    whole: entries added or removed), and ``REMOVED`` for a generated key the user set to ``null`` (a key
+    missing from the file is not an edit: the generator's value applies). The owner the file
     was written for (``lmsys kaggle metadata --user alice``) counts as the placeholder, so building for
     another user is not an edit. ``{}`` for no file."""
     if not committed:
@@ -492,7 +499,9 @@ def user_edits(committed: dict[str, Any] | None, template: dict[str, Any]) -> di
     if owner and owner != PLACEHOLDER_USER:
         committed = _with_user(committed, PLACEHOLDER_USER, owner)
     edits: dict[str, Any] = {k: v for k, v in committed.items() if k not in template or template[k] != v}
-    edits |= {k: REMOVED for k in template if k not in committed and k not in BUILD_KEYS + ("id",)}
+    for key, value in committed.items():  # `"key": null` removes a generated key; a missing key is not an edit
+        if value is None and key in template and key not in BUILD_KEYS + ("id",):
+            edits[key] = REMOVED
     return edits
 
 
@@ -748,13 +757,21 @@ def client_problems(folder: str | Path, kind: str) -> list[MetadataProblem]:
     ``kernels_push`` / ``dataset_create_new`` up to the point where it would go online (stopped there: nothing
     is sent, no credentials are needed). ``[]`` when the client is not installed (``pip install
     'lmsys_lib[kaggle]'``): our checks above still ran."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("kaggle")
+    except metadata.PackageNotFoundError:
+        return []
+    if int(version.split(".")[0]) < 2:
+        return []  # checked against the 2.x client (kagglesdk); an older one goes online another way
     try:  # the package's __init__ tries to authenticate and prints how to when it cannot: not our output
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             from kaggle.api.kaggle_api_extended import KaggleApi
-    except (ImportError, SystemExit):  # not installed, or a client that exits when it cannot authenticate
+    except (Exception, SystemExit):  # a client that raises or exits when it cannot authenticate
         return []
     if not hasattr(KaggleApi, "build_kaggle_client"):
-        return []  # a 1.x client goes online another way: running its push here would really push
+        return []
     folder = Path(folder)
     api = KaggleApi()
 
@@ -945,10 +962,7 @@ def _build_wheels(folder: Path, project_dir: Path, target: Any, extras: tuple[st
     exclude = wheelhouse.KAGGLE_SHIPS - {canonicalize(n) for n in allow_replace}
     report = wheelhouse.build_wheelhouse(folder, fit.requirements, target, exclude=exclude,
                                          extra_wheels=tuple(Path(p) for p in extra_wheels), log=log)
-    for extra in ("", *extras):  # what each notebook's install cell installs: `pip install -r` of its file
-        listing = fit.apply(wheelhouse.lmsys_requirements(wheel, extras=(extra,) if extra else (), target=target))
-        (folder / wheelhouse.requirements_file(extra)).write_text(
-            f"# lmsys_lib[{extra}] for {image.name} (lmsys kaggle build)\n" + "\n".join(listing) + "\n")
+    wheelhouse.write_requirements(folder, wheel, extras, target, fit, note=f"for {image.name} (lmsys kaggle build)")
     misfits, unchecked = wheelhouse.replaced_by(report, image)
     manifest = wheelhouse.write_manifest(report, folder / "wheelhouse.json")
     data = json.loads(manifest.read_text(encoding="utf-8"))
@@ -1025,7 +1039,7 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
         raise ValueError(f"--only {only} matches no kernel; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
     if check_required:
         _check_required(build_dir, kernels)
-    needed = {slug for k in kernels for slug in k.datasets} if only else {d.slug for d in SUITE_DATASETS}
+    needed = {slug for k in kernels for slug in k.datasets}  # the suite's datasets these kernels attach
     steps: list[PushStep] = []
     for spec in (d for d in SUITE_DATASETS if d.slug in needed):
         if build_dir.is_dir() and not (build_dir / "datasets" / spec.slug / "dataset-metadata.json").is_file():
@@ -1048,16 +1062,17 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
 
 
 def built_kernels(build_dir: Path) -> tuple[KernelSpec, ...]:
-    """The suite's kernels, each reading the kernels its built metadata lists (``kernel_sources``: the
-    generated ones plus any the user added), or the table's when it is not built."""
+    """The suite's kernels, each reading the kernels and datasets its built metadata lists (``kernel_sources``,
+    ``dataset_sources``: the user's overlay included), or the table's when it is not built."""
     out = []
     for spec in SUITE_KERNELS:
         path = build_dir / "kernels" / spec.slug / "kernel-metadata.json"
-        sources = spec.kernels
+        sources, datasets = spec.kernels, spec.datasets
         if path.is_file():
-            listed = json.loads(path.read_text(encoding="utf-8")).get("kernel_sources") or []
-            sources = tuple(str(ref).split("/")[-1] for ref in listed)
-        out.append(dataclasses.replace(spec, kernels=sources))
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            sources = tuple(str(ref).split("/")[-1] for ref in meta.get("kernel_sources") or [])
+            datasets = tuple(str(ref).split("/")[-1] for ref in meta.get("dataset_sources") or [])
+        out.append(dataclasses.replace(spec, kernels=sources, datasets=datasets))
     return tuple(out)
 
 
@@ -1082,9 +1097,10 @@ def _run_cli(argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True)
 
 
-# What kaggle 2.x prints, exit code 0, when a push or an upload did not happen.
+# What kaggle 2.x prints, exit code 0, when a push or an upload did not happen — or happened without a
+# source the chain needs (the kernel runs, but without its inputs). Invalid tags are only a warning.
 PUSH_FAILED = ("Kernel push error", "Dataset version creation error", "Dataset creation error",
-               "could not be added to the kernel", "Default slug detected")
+               "not valid dataset sources", "not valid competition sources", "not valid kernel sources")
 
 
 def push(steps: list[PushStep], dry_run: bool = True, poll_s: float = 15.0, timeout_s: float = 3600.0,
@@ -1108,6 +1124,8 @@ def push(steps: list[PushStep], dry_run: bool = True, poll_s: float = 15.0, time
             text = "\n".join(t for t in ((proc.stdout or "").strip(), (proc.stderr or "").strip()) if t)
             log(text)
             code = proc.returncode or (1 if any(marker in text for marker in PUSH_FAILED) else 0)
+            if code and "successfully pushed" in text:
+                log("pushed, but without a source it needs: the chain stops here — fix its metadata and push again")
         if code:
             log(f"failed ({code}): {step}")
             return code
@@ -1202,7 +1220,9 @@ def log_text(raw: str) -> str:
         records = parsed if isinstance(parsed, list) else [parsed]
     except json.JSONDecodeError:
         try:
-            records = [json.loads(line.rstrip(",")) for line in stripped.splitlines() if line.strip() not in "[]"]
+            pieces = (line.strip().strip(",").removeprefix("[").removesuffix("]").strip(",")
+                      for line in stripped.splitlines())
+            records = [json.loads(piece) for piece in pieces if piece]
         except json.JSONDecodeError:
             return raw
     if not all(isinstance(r, dict) and "data" in r for r in records):

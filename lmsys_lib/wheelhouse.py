@@ -204,8 +204,8 @@ def choose_version(name: str, versions: Iterable[str], requirements_of: Callable
 
 
 def index_versions(name: str, target: Target | None = None) -> list[str]:
-    """The releases of ``name`` on the package index that have a file for ``target`` (``pip index versions``
-    with the target's interpreter and platform)."""
+    """The releases of ``name`` on the package index (``pip index versions`` with the target's interpreter and
+    platform; releases with only an sdist are listed too — the download falls back to it)."""
     args = target.pip_args() if target else []
     out = _run(_pip("index", "versions", name, *args), f"pip index versions {name}").stdout
     found = re.search(r"Available versions:\s*(.+)", out)
@@ -314,6 +314,24 @@ def live_image(names: Iterable[str] | None = None) -> Image:
 def requirements_file(extra: str = "") -> str:
     """The file in the wheelhouse listing what ``lmsys_lib[extra]`` needs (the chosen pins applied)."""
     return f"requirements-{extra}.txt" if extra else "requirements.txt"
+
+
+def write_requirements(folder: str | Path, wheel: str | Path, extras: Sequence[str], target: Target,
+                       fit: ImageFit | None = None, note: str = "") -> list[Path]:
+    """One ``requirements_file`` per extra ("" the base) in ``folder``: the wheel's requirements for it on
+    ``target``, with ``fit``'s pins applied — what the notebooks install with ``pip install -r`` after the
+    wheel itself (``--no-deps``). Files of an earlier build are removed first."""
+    folder = Path(folder)
+    for old in folder.glob("requirements*.txt"):
+        old.unlink()
+    paths = []
+    for extra in dict.fromkeys(("", *extras)):
+        listing = lmsys_requirements(wheel, extras=(extra,) if extra else (), target=target)
+        listing = fit.apply(listing) if fit else listing
+        path = folder / requirements_file(extra)
+        path.write_text(f"# lmsys_lib[{extra}] {note}\n" + "\n".join(listing) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
 
 
 def _needs_for(manifest: dict[str, Any], requested: set[str]) -> dict[str, list[list[str]]]:
@@ -957,9 +975,11 @@ LIGHT_IMPORTS = ("lmsys_lib", "lmsys_lib.parsing", "lmsys_lib.prompting", "lmsys
 
 
 def install_check(wheelhouse: str | Path, venv_dir: str | Path, package: str = "lmsys_lib",
-                  imports: Sequence[str] = LIGHT_IMPORTS) -> InstallCheck:
-    """Install ``package`` into a fresh venv from ``wheelhouse`` alone, as Kaggle's kernel does, then import
-    ``imports`` there from a temporary folder; every module must come from the venv.
+                  imports: Sequence[str] = LIGHT_IMPORTS, requirements: str | None = None) -> InstallCheck:
+    """Install ``package`` into a fresh venv from ``wheelhouse`` alone, then import ``imports`` there from a
+    temporary folder; every module must come from the venv. ``requirements``: a file in the wheelhouse
+    (``requirements_file(extra)``) — the notebooks' install, exactly: ``package`` with ``--no-deps``, then
+    ``-r`` that file; ``pip check`` then tolerates ``package``'s own pins that the file re-pinned.
 
     Raises ``PipError`` (tail of the output) when venv creation, the install, ``pip check`` or an import
     fails, and ``ValueError`` when ``venv_dir`` exists and is not empty.
@@ -969,10 +989,19 @@ def install_check(wheelhouse: str | Path, venv_dir: str | Path, package: str = "
         raise ValueError(f"{venv_dir} is not empty: install_check needs a fresh venv folder")
     _run([sys.executable, "-m", "venv", str(venv_dir)], "python -m venv")
     python, env = venv_dir / "bin" / "python", offline_pip_env()
-    # the command Kaggle's kernel runs (notebook 05), with nothing but the wheelhouse to draw on
-    install = _run([str(python), "-m", "pip", "install", "--no-index", "--find-links", str(wheelhouse), package],
-                   "offline pip install", env=env)
-    check = _run([str(python), "-m", "pip", "check"], "pip check", env=env)
+    pip = [str(python), "-m", "pip", "install", "--no-index", "--find-links", str(wheelhouse)]
+    if requirements is None:
+        install = _run([*pip, package], "offline pip install", env=env)
+    else:  # what every notebook's install cell runs, with nothing but the wheelhouse to draw on
+        install = _run([*pip, "--no-deps", package], "offline pip install --no-deps", env=env)
+        install.stdout += _run([*pip, "-r", str(wheelhouse / requirements)], "offline pip install -r",
+                               env=env).stdout
+    check = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True, env=env)
+    own = canonicalize_name(package)
+    broken = [line for line in check.stdout.splitlines() if line.strip() and not (
+        requirements and canonicalize_name(line.split()[0]) == own)]  # "lmsys-lib 0.1.0 requires gptqmodel==…"
+    if check.returncode and broken:
+        raise PipError(f"pip check failed: {_tail(chr(10).join(broken))}")
     with tempfile.TemporaryDirectory(prefix="lmsys-import-") as cwd:
         # -I: ignore PYTHON* variables and keep cwd off sys.path, so the checkout cannot shadow the venv
         probe = _run([str(python), "-I", "-c", _IMPORT_PROBE, *imports], "import check", env=env, cwd=cwd)

@@ -320,15 +320,23 @@ def test_a_source_or_key_the_user_removed_stays_removed(tmp_path):
     meta = json.loads(path.read_text())
     meta["dataset_sources"].remove("your-kaggle-username/arena-distill-student-gptq")  # the model comes from 04
     meta["kernel_sources"].append("your-kaggle-username/arena-distill-04-quantization")
-    del meta["model_sources"]
+    meta["model_sources"] = None  # null removes a generated key; a key merely missing is not an edit
+    meta.pop("keywords", None)
     path.write_text(json.dumps(meta))
     kaggle.build(tmp_path / "build", "alice", project, wheels=False)
     built = json.loads((tmp_path / "build" / "kernels" / "arena-distill-05-inference-2xt4" /
                         "kernel-metadata.json").read_text())
     assert built["dataset_sources"] == ["alice/arena-distill-wheels"] and "model_sources" not in built
-    assert built["kernel_sources"] == ["alice/arena-distill-04-quantization"]
+    assert built["kernel_sources"] == ["alice/arena-distill-04-quantization"] and built["machine_shape"]
     steps = kaggle.push_plan(tmp_path / "build", "alice", only=("04", "05"), check_required=False)
     assert [s.argv[-1] for s in steps if s.wait == "kernel"] == ["alice/arena-distill-04-quantization"]
+    meta = json.loads(path.read_text())
+    del meta["machine_shape"]  # a file from before the generator wrote this key: it is still generated
+    path.write_text(json.dumps(meta))
+    kaggle.build(tmp_path / "build", "alice", project, wheels=False)
+    built = json.loads((tmp_path / "build" / "kernels" / "arena-distill-05-inference-2xt4" /
+                        "kernel-metadata.json").read_text())
+    assert built["machine_shape"] == "NvidiaTeslaT4"
 
 
 def test_a_broken_edit_is_refused_by_our_checks_and_by_the_real_client(tmp_path):
@@ -563,17 +571,23 @@ def test_the_submission_kernel_takes_the_model_from_04s_output_when_the_student_
         kaggle.chain_model(student, "arena-distill-04-quantization", env="local", log=lines.append)
 
 
-def test_links_into_a_kernel_not_attached_are_reported_and_copies_are_whole(tmp_path, monkeypatch):
+def test_links_into_a_kernel_not_attached_are_reported_and_copies_are_whole(tmp_path):
     inputs = tmp_path / "input"
     source = _kernel_output(inputs, "arena-distill-03-lora-merge")
     (source / "merged").mkdir()
     (source / "merged" / "model.safetensors").symlink_to(tmp_path / "gone" / "model.safetensors")  # 02's, not here
-    lines: list[str] = []
+    (source / "teachers" / "t" / "x.partial").write_bytes(b"half")  # 03's own interrupted copy: not brought
     run = tmp_path / "working" / "teacher"
+    (run / "teachers" / "t").mkdir(parents=True)
+    (run / "teachers" / "t" / "big.safetensors.partial").write_bytes(b"y" * 10)  # a copy killed mid-way here
+    lines: list[str] = []
     kaggle.chain_run(run, "arena-distill-03-lora-merge", env="kaggle", input_root=inputs, log=lines.append)
     assert any("1 files of arena-distill-03-lora-merge's output are links" in line and "merged/model.safetensors"
                in line for line in lines)
-    assert not list(run.rglob("*.partial")) and (run / "teachers" / "t" / "big.safetensors").stat().st_size == 5000
+    big = run / "teachers" / "t" / "big.safetensors"
+    assert not big.is_symlink() and big.read_bytes() == b"y" * 5000  # copied again, whole, then renamed
+    assert not list(run.rglob("*.partial")) or list(run.rglob("*.partial")) == []
+    assert not (run / "teachers" / "t" / "x.partial").exists()
 
 
 def test_dataset_waits_and_parameter_values():
@@ -585,3 +599,5 @@ def test_dataset_waits_and_parameter_values():
         {"05": {"time_budget": "NaN", "tta": False, "devices": "cpu:2"}}
     assert kaggle.log_text("plain text\n") == "plain text\n"
     assert kaggle.log_text('{"stream_name": "stderr", "time": 2, "data": "Traceback"}\n') == "Traceback"
+    truncated = '[{"stream_name":"stdout","time":1,"data":"a\\n"}\n,{"stream_name":"stderr","time":2,"data":"b"}\n'
+    assert kaggle.log_text(truncated) == "a\nb"  # Kaggle's log, cut before its closing bracket

@@ -322,7 +322,8 @@ def test_offline_install_from_the_wheelhouse(tmp_path, built_wheel):
     names = {f.name for f in report.files}
     assert {"lmsys-lib", "numpy", "pandas", "transformers", "tokenizers", "packaging"} <= names
     assert "torch" not in names and not report.sdists
-    check = wheelhouse.install_check(house, tmp_path / "venv")
+    wheelhouse.write_requirements(house, built_wheel, (), Target.local())  # what the notebooks install with -r
+    check = wheelhouse.install_check(house, tmp_path / "venv", requirements=wheelhouse.requirements_file())
     venv = (tmp_path / "venv").resolve()
     assert all(Path(f).is_relative_to(venv) for f in check.module_files.values())
     data = _tiny_train_csv(tmp_path / "train.csv")
@@ -456,10 +457,10 @@ def test_the_live_check_of_one_extra_ignores_what_another_extra_needs(tmp_path):
     manifest = {"target": {"python_version": ".".join(platform.python_version().split(".")[:2])},
                 "files": [{"name": "gptqmodel", "required_by": ["(requested)"]},
                           {"name": "logbar", "required_by": ["gptqmodel"]}],
-                "image_needs": {"packaging": [["logbar", ">=999"]], "pyyaml": [["(requested)", ">=1"]]}}
+                "image_needs": {"packaging": [["logbar", ">=999"]], "pip": [["(requested)", ">=1"]]}}
     (tmp_path / "wheelhouse.json").write_text(json.dumps(manifest))
-    (tmp_path / "requirements.txt").write_text("# base\npyyaml>=1\n")
-    (tmp_path / "requirements-quantize.txt").write_text("pyyaml>=1\ngptqmodel==7.6.0\n")
+    (tmp_path / "requirements.txt").write_text("# base\npip>=1\n")
+    (tmp_path / "requirements-quantize.txt").write_text("pip>=1\ngptqmodel==7.6.0\n")
     assert wheelhouse.check_live(tmp_path, extra="", log=lambda line: None) is not None
     with pytest.raises(wheelhouse.ImageMismatch, match="logbar needs packaging>=999"):
         wheelhouse.check_live(tmp_path, extra="quantize", log=lambda line: None)
