@@ -482,13 +482,11 @@ def _kaggle_push(args: argparse.Namespace, kaggle: Any, user: str | None) -> int
             return 1
     elif not build_dir.is_dir():
         print(f"# {build_dir} is not built yet: `lmsys kaggle build --out {build_dir}` writes it")
-    if args.dry_run and build_dir.is_dir():
-        try:  # a dry run shows the whole plan; what a real push would refuse is said first
-            kaggle.push_plan(build_dir, user or kaggle.PLACEHOLDER_USER, only=tuple(args.only or ()))
-        except ValueError as err:
-            print(f"# a real push refuses: {err}")
     steps = kaggle.push_plan(build_dir, user or kaggle.PLACEHOLDER_USER, message=args.message, new=args.new,
                              only=tuple(args.only or ()), check_required=not args.dry_run)
+    if args.dry_run:  # the whole plan is shown; what a real push would refuse is said first
+        for line in kaggle.empty_required(build_dir, kaggle.selected_kernels(build_dir, tuple(args.only or ()))):
+            print(f"# a real push refuses: {line}")
     return kaggle.push(steps, dry_run=args.dry_run)
 
 

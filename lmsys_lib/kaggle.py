@@ -129,12 +129,12 @@ def runs_root(env: str | None = None) -> Path:
 
 
 def dataset_dir(slug: str, explicit: str | Path | None = None, env: str | None = None) -> Path:
-    """An attached dataset's folder (wheels, model weights): ``explicit`` if given, else
-    ``/kaggle/input/<slug>`` on Kaggle. Raises ``FileNotFoundError`` naming the folder tried."""
+    """An attached dataset's folder (wheels, model weights): ``explicit`` if given, else on Kaggle
+    ``/kaggle/input/<slug>`` (``input_dir``: nested layouts too). Raises ``FileNotFoundError`` naming the folder tried."""
     if explicit is not None:
         path = Path(explicit)
     elif (env or detect_env()) == "kaggle":
-        path = KAGGLE_INPUT / slug
+        path = input_dir(slug) or KAGGLE_INPUT / slug
     else:
         raise FileNotFoundError(f"dataset {slug!r}: pass its folder (it is /kaggle/input/{slug} on Kaggle)")
     if not path.is_dir():
@@ -159,9 +159,9 @@ def resolve_run_dir(run_dir: str | Path, env: str | None = None) -> Path:
 LINK_ABOVE = 2**30
 
 
-def kernel_output_dir(slug: str, input_root: str | Path = KAGGLE_INPUT) -> Path | None:
-    """Where an attached kernel's output is mounted: ``/kaggle/input/<slug>`` (or one or two folders deeper,
-    as newer Kaggle layouts nest sources by kind and owner); None when it is not attached."""
+def input_dir(slug: str, input_root: str | Path = KAGGLE_INPUT) -> Path | None:
+    """Where an attached dataset or kernel output is mounted: ``/kaggle/input/<slug>`` (or one or two folders
+    deeper, as newer Kaggle layouts nest sources by kind and owner); None when it is not attached."""
     root = Path(input_root)
     for candidate in (root / slug, *sorted(root.glob(f"*/{slug}")), *sorted(root.glob(f"*/*/{slug}"))):
         if candidate.is_dir():
@@ -189,7 +189,7 @@ def chain_run(run_dir: str | Path, upstream: str | None = None, env: str | None 
     files copied (over ``LINK_ABOVE`` linked), never over a file already there — a restarted session keeps its
     own work. Elsewhere, or without it attached, the run folder (``resolve_run_dir``) as it is."""
     path = resolve_run_dir(run_dir, env)
-    output = kernel_output_dir(upstream, input_root) if upstream and (env or detect_env()) == "kaggle" else None
+    output = input_dir(upstream, input_root) if upstream and (env or detect_env()) == "kaggle" else None
     if output is None:
         where = f" (kernel {upstream}'s output is not attached)" if upstream and (env or detect_env()) == "kaggle" else ""
         log(f"inputs: the run folder {path}{where}")
@@ -238,12 +238,12 @@ def chain_model(model_dir: str | Path, upstream: str, env: str | None = None,
         log(f"model: {text}")
         return text
     on_kaggle = (env or detect_env()) == "kaggle"
-    nested = kernel_output_dir(Path(text).name, input_root) if on_kaggle and text.startswith(str(KAGGLE_INPUT)) \
+    nested = input_dir(Path(text).name, input_root) if on_kaggle and text.startswith(str(KAGGLE_INPUT)) \
         else None  # the dataset attached, in a newer, nested input layout
     if nested is not None:
         log(f"model: {nested}")
         return str(nested)
-    output = kernel_output_dir(upstream, input_root) if on_kaggle else None
+    output = input_dir(upstream, input_root) if on_kaggle else None
     if output is not None:
         runs = sorted(p.parent for p in output.rglob("quantized/config.json"))
         if len(runs) == 1:
@@ -899,7 +899,7 @@ def build(out: str | Path, user: str, project_dir: str | Path, run_dir: str | Pa
         _overlay_dataset(folder, STUDENT, project_dir, user, summary, terms)
     problems = validate_tree(out, for_push=user != PLACEHOLDER_USER, client=True)
     summary["problems"] = [str(p) for p in problems] + wheel_problems
-    summary["warnings"] += _empty_required(out)
+    summary["warnings"] += empty_required(out)  # push refuses these kernels
     return summary
 
 
@@ -912,15 +912,6 @@ def build_problems(build_dir: str | Path) -> list[str]:
     data = json.loads(manifest.read_text(encoding="utf-8"))
     found = data.get("conflicts", []) + data.get("problems", []) + data.get("image_problems", [])
     return [f"{manifest}: {p}" for p in found]
-
-
-def _empty_required(out: Path) -> list[str]:
-    """A warning per built kernel whose required parameter is still empty (push refuses to push it)."""
-    try:
-        _check_required(out, list(SUITE_KERNELS))
-    except ValueError as err:
-        return [str(err)]
-    return []
 
 
 def _write_overlaid(path: Path, generated: dict[str, Any], committed: Path, template: dict[str, Any], user: str,
@@ -942,15 +933,12 @@ def _overlay_dataset(folder: Path, spec: DatasetSpec, project_dir: Path, user: s
                                    f"it in {committed} (licenses + description), the build keeps your edit")
 
 
-def canonicalize(name: str) -> str:
-    """A distribution name as pip compares it (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _build_wheels(folder: Path, project_dir: Path, target: Any, extras: tuple[str, ...],
                   extra_wheels: tuple[str | Path, ...], image: Any, allow_replace: tuple[str, ...],
                   log: Callable[[str], None]) -> tuple[Any, list[str], list[str]]:
     """The wheel and the wheelhouse for ``image``; returns the report, notes and warnings, problems."""
+    from packaging.utils import canonicalize_name
+
     from . import wheelhouse
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -959,7 +947,7 @@ def _build_wheels(folder: Path, project_dir: Path, target: Any, extras: tuple[st
     wheel = wheelhouse.build_wheel(project_dir, folder)
     fit = wheelhouse.fit_to_image(wheelhouse.lmsys_requirements(wheel, extras=extras, target=target), image,
                                   target, allow_replace)
-    exclude = wheelhouse.KAGGLE_SHIPS - {canonicalize(n) for n in allow_replace}
+    exclude = wheelhouse.KAGGLE_SHIPS - {canonicalize_name(n) for n in allow_replace}
     report = wheelhouse.build_wheelhouse(folder, fit.requirements, target, exclude=exclude,
                                          extra_wheels=tuple(Path(p) for p in extra_wheels), log=log)
     wheelhouse.write_requirements(folder, wheel, extras, target, fit, note=f"for {image.name} (lmsys kaggle build)")
@@ -1034,11 +1022,10 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
     kernel whose required parameter is empty is refused (``ValueError``; ``check_required=False`` skips that,
     for a dry run): it would fail at once on Kaggle's GPU."""
     build_dir = Path(build_dir)
-    kernels = [k for k in kernel_order(built_kernels(build_dir)) if not only or k.slug in only or k.notebook[:2] in only]
-    if only and not kernels:
-        raise ValueError(f"--only {only} matches no kernel; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
-    if check_required:
-        _check_required(build_dir, kernels)
+    kernels = selected_kernels(build_dir, only)
+    empty = empty_required(build_dir, kernels) if check_required else []
+    if empty:
+        raise ValueError(empty[0])
     needed = {slug for k in kernels for slug in k.datasets}  # the suite's datasets these kernels attach
     steps: list[PushStep] = []
     for spec in (d for d in SUITE_DATASETS if d.slug in needed):
@@ -1061,6 +1048,15 @@ def push_plan(build_dir: str | Path, user: str, message: str = "arena-distill up
     return steps
 
 
+def selected_kernels(build_dir: str | Path, only: tuple[str, ...] = ()) -> list[KernelSpec]:
+    """The kernels to push, in dependency order: all, or those ``only`` names (notebook numbers or slugs)."""
+    kernels = [k for k in kernel_order(built_kernels(Path(build_dir)))
+               if not only or k.slug in only or k.notebook[:2] in only]
+    if only and not kernels:
+        raise ValueError(f"--only {only} matches no kernel; known: {[k.notebook[:2] for k in SUITE_KERNELS]}")
+    return kernels
+
+
 def built_kernels(build_dir: Path) -> tuple[KernelSpec, ...]:
     """The suite's kernels, each reading the kernels and datasets its built metadata lists (``kernel_sources``,
     ``dataset_sources``: the user's overlay included), or the table's when it is not built."""
@@ -1076,18 +1072,21 @@ def built_kernels(build_dir: Path) -> tuple[KernelSpec, ...]:
     return tuple(out)
 
 
-def _check_required(build_dir: Path, kernels: list[KernelSpec]) -> None:
+def empty_required(build_dir: str | Path, kernels: Sequence[KernelSpec] = SUITE_KERNELS) -> list[str]:
+    """One line naming every built kernel (of ``kernels``) whose required notebook parameter is still empty and
+    saying how to set it; ``[]`` when there is none (or nothing is built)."""
     empty = []
     for spec in kernels:
-        notebook = build_dir / "kernels" / spec.slug / spec.notebook
+        notebook = Path(build_dir) / "kernels" / spec.slug / spec.notebook
         if spec.required and notebook.is_file():
             values = notebook_parameters(notebook)
             if not values.get("config"):
                 empty += [f"{spec.slug}: {name}" for name in spec.required if values.get(name) in ("", None)]
-    if empty:
-        raise ValueError(f"required notebook parameters are empty ({'; '.join(empty)}): the kernel would fail at "
-                         "once on Kaggle's GPU; build with --param NB:NAME=VALUE, e.g. "
-                         "--param 01:model_dir=/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2")
+    if not empty:
+        return []
+    return [f"required notebook parameters are empty ({'; '.join(empty)}): the kernel would fail at once on "
+            "Kaggle's GPU; build with --param NB:NAME=VALUE, e.g. "
+            "--param 01:model_dir=/kaggle/input/gemma-2/transformers/gemma-2-2b-it/2"]
 
 
 Runner = Callable[[tuple[str, ...]], "subprocess.CompletedProcess[str]"]

@@ -29,6 +29,7 @@ This module never imports torch; it needs only the standard library and ``packag
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.parser
 import fnmatch
 import json
@@ -144,12 +145,25 @@ class ImageMismatch(RuntimeError):
     """The image's versions do not satisfy what the wheelhouse was built to rely on."""
 
 
+def _pattern(name: str) -> str:
+    """A name or ``prefix-*`` pattern the way names are compared (canonicalize_name would drop the ``*``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _fits(spec: str | SpecifierSet, have: str | None) -> bool | None:
+    """Whether version ``have`` satisfies ``spec``; None when ``have`` is unknown (a local suffix such as
+    ``+cu128`` is fine, a pre-release counts)."""
+    if have is None:
+        return None
+    return SpecifierSet(str(spec)).contains(Version(have), prereleases=True)
+
+
 def image_misfits(requirements: Iterable[str | Requirement], image: Image, target: Target | None = None,
                   shipped: Iterable[str] = KAGGLE_SHIPS) -> tuple[list[str], list[str]]:
     """The requirements on packages the image ships that its versions violate (pip would have to replace
     them), and those it cannot check (version unknown). Markers are evaluated for ``target``."""
     env = (target or Target.kaggle(image.python)).marker_environment()
-    patterns = [re.sub(r"[-_.]+", "-", e).lower() for e in shipped]
+    patterns = [_pattern(e) for e in shipped]
     misfits, unchecked = [], []
     for item in requirements:
         req = item if isinstance(item, Requirement) else Requirement(item)
@@ -158,10 +172,10 @@ def image_misfits(requirements: Iterable[str | Requirement], image: Image, targe
                 not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         have = image.version(name)
-        if have is None:
-            if req.specifier:  # a bare name asks nothing of the version
-                unchecked.append(f"{req} (the image's {name}: unknown)")
-        elif not req.specifier.contains(Version(have), prereleases=True):
+        fits = _fits(req.specifier, have)
+        if fits is None and req.specifier:  # a bare name asks nothing of the version
+            unchecked.append(f"{req} (the image's {name}: unknown)")
+        elif fits is False:
             misfits.append(f"{req} (the image has {name} {have})")
     return misfits, unchecked
 
@@ -282,12 +296,11 @@ def replaced_by(report: WheelhouseReport, image: Image) -> tuple[list[str], list
     for name, needs in sorted(report.image_needs.items()):
         have = image.version(name)
         for requirer, spec in needs:
-            if not spec:
-                continue
-            if have is None:
+            fits = _fits(spec, have) if spec else True
+            if fits is None:
                 unchecked.append(f"{requirer} needs {name}{spec} (the image's version is unknown: the kernel's "
                                  "first cell checks it)")
-            elif not SpecifierSet(spec).contains(Version(have), prereleases=True):
+            elif not fits:
                 misfits.append(f"{requirer} needs {name}{spec}, the image has {have}: pip would replace it "
                                f"(refused; --allow-replace {name} ships it instead)")
     return misfits, unchecked
@@ -307,7 +320,7 @@ def live_image(names: Iterable[str] | None = None) -> Image:
     found = {n: v for n, v in installed.items() if any(fnmatch.fnmatchcase(n, w) for w in wanted)}
     where = f"read on {platform.node() or 'this machine'} with importlib.metadata"
     return Image(name=f"live: {platform.platform()}", python=platform.python_version(), python_source=where,
-                 date=__import__("datetime").date.today().isoformat(),
+                 date=datetime.date.today().isoformat(),
                  packages={n: (v, where) for n, v in sorted(found.items())})
 
 
@@ -385,9 +398,10 @@ def check_live(wheelhouse_dir: str | Path | None, extra: str | None = None,
     for name, needs in sorted(needs_of.items()):
         have = live.version(name)
         for requirer, spec in needs:
-            if have is None and not name.endswith("*"):
+            fits = _fits(spec, have)
+            if fits is None:
                 problems.append(f"{requirer} needs {name}{spec}, which this image does not have")
-            elif have is not None and spec and not SpecifierSet(spec).contains(Version(have), prereleases=True):
+            elif not fits:
                 problems.append(f"{requirer} needs {name}{spec}; this image has {have}")
     if problems:
         raise ImageMismatch(f"the wheelhouse {folder} does not fit this image ({len(problems)}): "
@@ -734,8 +748,7 @@ class _Resolver:
     def __init__(self, out_dir: Path, target: Target, exclude: Iterable[str], build_pure: bool, jobs: int,
                  log: Callable[[str], None]) -> None:
         self.report = WheelhouseReport(out_dir=out_dir, target=target)
-        # canonicalised by hand: canonicalize_name would not keep the * of a prefix pattern
-        self.exclude = frozenset(re.sub(r"[-_.]+", "-", e).lower() for e in exclude)
+        self.exclude = frozenset(_pattern(e) for e in exclude)
         self.nodes: dict[str, _Node] = {}
         self.failed: set[str] = set()
         self.build_pure, self.jobs, self.log = build_pure, jobs, log

@@ -429,7 +429,7 @@ def test_newer_input_layouts_and_several_runs(tmp_path):
     inputs = tmp_path / "input"
     _kernel_output(inputs / "notebooks" / "alice", "arena-distill-02-distillation", run="a")
     _kernel_output(inputs / "notebooks" / "alice" / "x", "unrelated", run="b")
-    output = kaggle.kernel_output_dir("arena-distill-02-distillation", inputs)
+    output = kaggle.input_dir("arena-distill-02-distillation", inputs)
     assert output == inputs / "notebooks" / "alice" / "arena-distill-02-distillation"
     assert kaggle.find_run(output, "whatever").name == "a"  # the only run there
     (output / "runs" / "c" / "data").mkdir(parents=True)
